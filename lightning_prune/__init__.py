@@ -1,0 +1,7 @@
+"""lightning-prune: Han et al.'s prune-retrain method (NIPS 2015) as a PyTorch Lightning callback."""
+
+from lightning_prune.callback import PruneRetrainCallback
+from lightning_prune.core import LayerStats, MagnitudePruner, PruningError, format_table
+
+__all__ = ["LayerStats", "MagnitudePruner", "PruneRetrainCallback", "PruningError", "format_table"]
+__version__ = "0.1.0"
