@@ -165,10 +165,11 @@ class PruneRetrainCallback(Callback):
         self.pruner.check(**self._prune_kwargs())
         epochs = self._schedule(trainer)
         max_epochs = trainer.max_epochs
-        if max_epochs is not None and max_epochs >= 0 and epochs[-1] >= max_epochs:
-            raise ValueError(
-                f"`prune_epochs` {epochs} has epochs >= max_epochs={max_epochs}; they would never run. "
-                f"Accepted: epochs in [0, {max_epochs - 1}]."
+        late = [e for e in epochs if max_epochs is not None and 0 <= max_epochs <= e]
+        if late:
+            rank_zero_warn(
+                f"`prune_epochs` {late} are >= max_epochs={max_epochs}: they will not run in this fit "
+                f"(a later fit resumed from its checkpoint with a larger max_epochs runs them)."
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

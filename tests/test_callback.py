@@ -1,0 +1,325 @@
+"""Integration tests of PruneRetrainCallback in real ``Trainer.fit`` runs."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from toy_models import ToyConvNet, ToyMLP, image_loader, make_trainer, toy_loader
+
+from lightning_prune import PruneRetrainCallback, PruningError
+
+
+class ZerosStayZeros(Callback):
+    """After every batch, assert each masked weight is exactly zero where its mask is False."""
+
+    def __init__(self, prune: PruneRetrainCallback):
+        self.prune = prune
+        self.checked = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for name, keep in self.prune.pruner.masks.items():
+            weight = pl_module.get_parameter(name)
+            assert torch.all(weight[~keep] == 0), f"{name} has non-zero pruned weights at step {trainer.global_step}"
+            self.checked += 1
+        for optimizer in trainer.optimizers:
+            for name, keep in self.prune.pruner.masks.items():
+                for value in optimizer.state.get(pl_module.get_parameter(name), {}).values():
+                    if torch.is_tensor(value) and value.shape == keep.shape:
+                        assert torch.all(value[~keep] == 0), f"optimizer state of {name} not masked"
+
+
+def weights_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "trainer_kwargs", "manual"),
+    [
+        ("sgd", {}, False),
+        ("adam", {}, False),
+        ("adamw", {}, False),
+        ("sgd", {"accumulate_grad_batches": 2}, False),
+        ("sgd", {"gradient_clip_val": 0.01}, False),
+        ("adam", {"precision": "bf16-mixed"}, False),
+        ("adam", {}, True),
+    ],
+    ids=["sgd-momentum", "adam", "adamw", "grad-accumulation", "grad-clipping", "bf16-mixed", "manual-optimization"],
+)
+def test_pruned_weights_stay_zero(tmp_path, optimizer, trainer_kwargs, manual):
+    torch.manual_seed(0)
+    model = ToyMLP(optimizer=optimizer, manual=manual)
+    prune = PruneRetrainCallback(quality=0.8, prune_epochs=[1, 2], verbose=False)
+    check = ZerosStayZeros(prune)
+    trainer = make_trainer(tmp_path, [prune, check], max_epochs=4, **trainer_kwargs)
+    trainer.fit(model, toy_loader())
+    assert check.checked > 0
+    assert set(prune.pruner.masks) == {"net.0.weight", "net.3.weight", "net.5.weight"}
+    for name, keep in prune.pruner.masks.items():
+        assert keep.dtype == torch.bool
+        assert 0 < keep.sum() < keep.numel()
+        assert torch.all(model.get_parameter(name)[~keep] == 0)
+    assert prune.done_epochs == [1, 2]
+
+
+def test_surviving_weights_keep_training(tmp_path):
+    torch.manual_seed(0)
+    model = ToyMLP()
+    prune = PruneRetrainCallback(quality=0.5, prune_epochs=[1], verbose=False)
+
+    class Snapshot(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                self.before = pl_module.net[0].weight.detach().clone()
+
+    snap = Snapshot()
+    make_trainer(tmp_path, [prune, snap], max_epochs=3).fit(model, toy_loader())
+    keep = prune.pruner.masks["net.0.weight"]
+    assert not torch.equal(snap.before[keep], model.net[0].weight[keep])
+
+
+def test_masks_only_shrink_across_prunes(tmp_path):
+    torch.manual_seed(0)
+    seen = []
+
+    class Record(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.append({k: v.clone() for k, v in prune.pruner.masks.items()})
+
+    prune = PruneRetrainCallback(quality=0.7, prune_epochs=[1, 2, 3], std_of="surviving", verbose=False)
+    make_trainer(tmp_path, [prune, Record()], max_epochs=4).fit(ToyMLP(), toy_loader())
+    for earlier, later in zip(seen[1:], seen[2:], strict=False):
+        for name in earlier:
+            assert not torch.any(later[name] & ~earlier[name])
+            assert later[name].sum() < earlier[name].sum()
+
+
+def test_han_threshold_matches_quality_times_dense_std(tmp_path):
+    torch.manual_seed(0)
+    model = ToyMLP()
+
+    class Capture(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                self.dense = pl_module.net[0].weight.detach().clone()
+
+    capture = Capture()
+    # Capture runs before the pruning callback's hook, so it sees the dense weights.
+    prune = PruneRetrainCallback(quality={"net.0": 1.5, "*": 0.5}, prune_epochs=[1], verbose=False)
+    make_trainer(tmp_path, [capture, prune], max_epochs=2).fit(model, toy_loader())
+    threshold = 1.5 * capture.dense.std().item()
+    assert prune.pruner.thresholds["net.0.weight"] == pytest.approx(threshold, rel=1e-6)
+    assert torch.equal(prune.pruner.masks["net.0.weight"], capture.dense.abs() > threshold)
+    assert prune.pruner.rules["net.3.weight"] == "0.50 x std"
+
+
+def test_fraction_and_global_criteria(tmp_path):
+    torch.manual_seed(0)
+    model = ToyMLP()
+    prune = PruneRetrainCallback(criterion="fraction", amount={"net.5": 0.5, "*": 0.9}, prune_epochs=[0])
+    make_trainer(tmp_path, [prune], max_epochs=1).fit(model, toy_loader())
+    remaining = {s.name: s.remaining for s in prune.pruner.stats()}
+    assert remaining == {"net.0.weight": 38, "net.3.weight": 51, "net.5.weight": 24}
+
+    model = ToyMLP()
+    prune = PruneRetrainCallback(criterion="global", amount=0.8, prune_epochs=[0], verbose=False)
+    make_trainer(tmp_path, [prune], max_epochs=1).fit(model, toy_loader())
+    total = sum(s.weights for s in prune.pruner.stats())
+    assert sum(s.remaining for s in prune.pruner.stats()) == total - round(0.8 * total)
+
+
+def test_layers_by_pattern_on_conv_net(tmp_path):
+    torch.manual_seed(0)
+    model = ToyConvNet()
+    prune = PruneRetrainCallback(layers=["features.*"], quality=0.6, prune_epochs=[0], verbose=False)
+    make_trainer(tmp_path, [prune], max_epochs=1).fit(model, image_loader())
+    assert list(prune.pruner.masks) == ["features.0.weight", "features.3.weight"]
+    assert torch.all(model.classifier[1].weight != 0)
+
+
+def test_default_schedule_prunes_at_half_of_max_epochs(tmp_path):
+    prune = PruneRetrainCallback(verbose=False)
+    make_trainer(tmp_path, [prune], max_epochs=5).fit(ToyMLP(), toy_loader())
+    assert prune.done_epochs == [2]
+
+
+def test_logs_sparsity_and_prints_table(tmp_path, caplog):
+    prune = PruneRetrainCallback(quality=1.0, prune_epochs=[1])
+    trainer = make_trainer(tmp_path, [prune], max_epochs=2)
+    with caplog.at_level("INFO"):
+        trainer.fit(ToyMLP(), toy_loader())
+    metrics = trainer.callback_metrics
+    assert metrics["prune/sparsity"].item() == pytest.approx(prune.pruner.sparsity())
+    assert 0.5 < metrics["prune/sparsity"].item() < 0.9
+    assert metrics["prune/remaining_pct/net.0.weight"].item() == pytest.approx(
+        prune.pruner.stats()[0].remaining_pct
+    )
+    assert "pruned at the start of epoch 1" in caplog.text
+    assert "net.0.weight" in caplog.text and "x fewer" in caplog.text
+
+
+def test_logged_to_a_real_logger(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    prune = PruneRetrainCallback(quality=1.0, prune_epochs=[1], verbose=False)
+    trainer = make_trainer(tmp_path, [prune], max_epochs=2, logger=CSVLogger(tmp_path))
+    trainer.fit(ToyMLP(), toy_loader())
+    text = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "prune/sparsity" in text.splitlines()[0]
+
+
+def _run(tmp_path, max_epochs, ckpt_path=None, save=False, seed=0):
+    pl.seed_everything(seed, verbose=False)
+    model = ToyMLP(optimizer="adam")
+    prune = PruneRetrainCallback(quality=0.8, prune_epochs=[1, 3], verbose=False)
+    callbacks = [prune]
+    if save:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0))
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=max_epochs, enable_checkpointing=save)
+    trainer.fit(model, toy_loader(), ckpt_path=ckpt_path)
+    return model, prune
+
+
+def test_resume_gives_same_masks_and_weights_as_uninterrupted(tmp_path):
+    full_model, full_prune = _run(tmp_path / "full", max_epochs=5)
+    _run(tmp_path / "part", max_epochs=2, save=True)
+    ckpt = tmp_path / "part" / "last.ckpt"
+    resumed_model, resumed_prune = _run(tmp_path / "part", max_epochs=5, ckpt_path=ckpt)
+    assert resumed_prune.done_epochs == [1, 3]
+    for name, keep in full_prune.pruner.masks.items():
+        assert torch.equal(keep, resumed_prune.pruner.masks[name])
+    assert full_prune.pruner.dense_std == resumed_prune.pruner.dense_std
+    for key, value in weights_of(full_model).items():
+        torch.testing.assert_close(resumed_model.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_checkpoint_is_plain_and_weights_only_loadable(tmp_path):
+    _run(tmp_path, max_epochs=2, save=True)
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("PruneRetrainCallback")]
+    assert state["done_epochs"] == [1]
+    masks = state["pruner"]["masks"]
+    assert all(m.dtype == torch.bool for m in masks.values())
+    assert not any("mask" in key or "orig" in key for key in ckpt["state_dict"])
+    for name, keep in masks.items():
+        assert torch.all(ckpt["state_dict"][name][~keep] == 0)
+
+    restored = ToyMLP.load_from_checkpoint(tmp_path / "last.ckpt")
+    for name, keep in masks.items():
+        weight = restored.get_parameter(name)
+        assert torch.all(weight[~keep] == 0) and torch.all(weight[keep] != 0)
+
+
+def test_resume_from_a_dense_checkpoint_prunes_late(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    trainer = make_trainer(
+        tmp_path, [ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)], 3, enable_checkpointing=True
+    )
+    trainer.fit(ToyMLP(), toy_loader())
+    prune = PruneRetrainCallback(quality=0.8, prune_epochs=[1], verbose=False)
+    with pytest.warns(UserWarning, match="epoch 1 runs late, at the start of epoch 3"):
+        make_trainer(tmp_path, [prune], max_epochs=4).fit(ToyMLP(), toy_loader(), ckpt_path=tmp_path / "last.ckpt")
+    assert prune.done_epochs == [1] and prune.pruner.masks
+
+
+def test_optimizer_hooks_removed_after_fit(tmp_path):
+    model = ToyMLP()
+    prune = PruneRetrainCallback(quality=1.0, prune_epochs=[0], verbose=False)
+    trainer = make_trainer(tmp_path, [prune], max_epochs=1)
+    trainer.fit(model, toy_loader())
+    optimizer = trainer.optimizers[0]
+    assert not optimizer._optimizer_step_post_hooks
+    keep = prune.pruner.masks["net.0.weight"]
+    model.net[0].weight.grad = torch.ones_like(keep, dtype=torch.float32)
+    model.net[3].weight.grad = model.net[5].weight.grad = None
+    optimizer.step()
+    assert torch.any(model.net[0].weight[~keep] != 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"layers": "fc1"}, "`layers` must be None or a non-empty list of glob patterns"),
+        ({"layers": []}, "`layers` must be None or a non-empty list"),
+        ({"quality": -0.5}, r"`quality` must be a finite number >= 0, got -0.5"),
+        ({"quality": math.nan}, r"`quality` must be a finite number >= 0, got nan"),
+        ({"quality": math.inf}, r"`quality` must be a finite number >= 0, got inf"),
+        ({"quality": {"fc*": -1.0}}, r"`quality\['fc\*'\]` must be a finite number >= 0"),
+        ({"prune_epochs": [5, 3]}, r"strictly increasing .* got \[5, 3\]"),
+        ({"prune_epochs": [2, 2]}, r"strictly increasing \(sorted, no duplicates\), got \[2, 2\]"),
+        ({"prune_epochs": [-1]}, r"integers >= 0, got -1"),
+        ({"prune_epochs": [1.5]}, r"integers >= 0, got 1.5"),
+        ({"prune_epochs": []}, "`prune_epochs` is empty"),
+        ({"prune_epochs": 3}, "`prune_epochs` must be a list of epoch indices, got 3"),
+        ({"criterion": "l1"}, r"`criterion` must be one of \('std', 'fraction', 'global'\), got 'l1'"),
+        ({"std_of": "all"}, r"`std_of` must be one of \('dense', 'surviving'\), got 'all'"),
+        ({"criterion": "fraction"}, "criterion='fraction' needs `amount`"),
+        ({"criterion": "fraction", "amount": 1.5}, r"`amount` must be a number in \[0, 1\], got 1.5"),
+        ({"criterion": "fraction", "amount": {"fc": -0.1}}, r"`amount\['fc'\]` must be a number in \[0, 1\]"),
+        ({"amount": 0.5}, "`amount` is for criterion='fraction' or 'global'"),
+        ({"min_remaining": 2}, r"`min_remaining` must be a number in \[0, 1\], got 2"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PruneRetrainCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "trainer_kwargs", "match"),
+    [
+        ({"layers": ["fc9"]}, {}, r"Pattern 'fc9' in `layers` matches no module .* 'net.0', 'net.3', 'net.5'"),
+        ({"layers": ["net.1"]}, {}, "Pattern 'net.1' in `layers` matches no module with a prunable weight"),
+        ({"quality": {"net.0": 1.0}}, {}, "Layer 'net.3' matches no pattern in `quality`"),
+        ({"quality": {"conv*": 1.0, "*": 1.0}}, {}, "Pattern 'conv\\*' in `quality` matches none of the pruned"),
+        ({}, {"max_epochs": 1}, r"`prune_epochs=None` prunes once at max_epochs // 2, .*got 1"),
+        ({"criterion": "global", "amount": {"*": 0.5}}, {}, "criterion='global' takes one `amount`"),
+    ],
+)
+def test_bad_setup_fails_before_training_and_leaves_model_untouched(tmp_path, kwargs, trainer_kwargs, match):
+    torch.manual_seed(0)
+    model = ToyMLP()
+    before = weights_of(model)
+    trainer_kwargs.setdefault("max_epochs", 4)
+    trainer = make_trainer(tmp_path, [PruneRetrainCallback(verbose=False, **kwargs)], **trainer_kwargs)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(model, toy_loader())
+    assert trainer.global_step == 0
+    for key, value in before.items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_prune_epochs_beyond_max_epochs_warn(tmp_path):
+    prune = PruneRetrainCallback(prune_epochs=[1, 4, 6], verbose=False)
+    with pytest.warns(UserWarning, match=r"`prune_epochs` \[4, 6\] are >= max_epochs=4: they will not run"):
+        make_trainer(tmp_path, [prune], max_epochs=4).fit(ToyMLP(), toy_loader())
+    assert prune.done_epochs == [1]
+
+
+def test_non_finite_weights_at_prune_time(tmp_path):
+    class Poison(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                with torch.no_grad():
+                    pl_module.net[3].weight[0, 0] = float("nan")
+
+    trainer = make_trainer(tmp_path, [Poison(), PruneRetrainCallback(prune_epochs=[1], verbose=False)], 2)
+    with pytest.raises(PruningError, match="Parameter 'net.3.weight' holds NaN or inf values"):
+        trainer.fit(ToyMLP(), toy_loader())
+
+
+def test_a_prune_that_empties_a_layer_fails_unless_floored(tmp_path):
+    model = ToyMLP()
+    prune = PruneRetrainCallback(quality=50.0, prune_epochs=[1], verbose=False)
+    trainer = make_trainer(tmp_path, [prune], max_epochs=2)
+    with pytest.raises(PruningError, match="Pruning would remove every connection of 'net.0.weight'"):
+        trainer.fit(model, toy_loader())
+    assert not prune.pruner.masks
+    assert torch.all(model.net[0].weight != 0)
+
+    prune = PruneRetrainCallback(quality=50.0, prune_epochs=[1], min_remaining=0.05, verbose=False)
+    make_trainer(tmp_path, [prune], max_epochs=2).fit(ToyMLP(), toy_loader())
+    assert [s.remaining for s in prune.pruner.stats()] == [math.ceil(0.05 * n) for n in (384, 512, 48)]

@@ -1,0 +1,108 @@
+"""Tiny LightningModules and data for integration tests (a few batches, a few epochs)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def toy_loader(n: int = 64, features: int = 12, classes: int = 3, batch_size: int = 16, seed: int = 0) -> DataLoader:
+    """A fixed classification dataset, unshuffled so runs are reproducible."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=gen)
+    y = (x[:, :classes].argmax(dim=1) + (x[:, -1] > 1).long()) % classes
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+class ToyMLP(pl.LightningModule):
+    """A 12-32-16-3 MLP; ``optimizer`` picks SGD (momentum, weight decay), Adam or AdamW."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.05, manual: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = not manual
+        self.net = nn.Sequential(
+            nn.Linear(12, 32),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(32, 16),
+            nn.ReLU(),
+            nn.Linear(16, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        if self.automatic_optimization:
+            return loss
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return None
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        name, lr = self.hparams.optimizer, self.hparams.lr
+        if name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3)
+        if name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=lr / 10, weight_decay=1e-3)
+        if name == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=lr / 10, weight_decay=1e-2)
+        raise ValueError(name)
+
+
+class ToyConvNet(pl.LightningModule):
+    """Conv -> BatchNorm -> ReLU -> Conv -> Flatten -> Linear, for selection by pattern."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 8, 3), nn.ReLU()
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x.view(-1, 1, 8, 8)[:, :, :, :]), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def image_loader(n: int = 32, batch_size: int = 8) -> DataLoader:
+    gen = torch.Generator().manual_seed(1)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 64, generator=gen), torch.randint(0, 3, (n,), generator=gen)),
+        batch_size=batch_size,
+    )
+
+
+def make_trainer(tmp_path, callbacks, max_epochs: int = 4, **kwargs) -> pl.Trainer:
+    """A quiet CPU trainer; extra keyword arguments go to ``Trainer``."""
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
