@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import lightning.pytorch as pl
@@ -91,7 +92,7 @@ def test_masks_only_shrink_across_prunes(tmp_path):
 
     prune = PruneRetrainCallback(quality=0.7, prune_epochs=[1, 2, 3], std_of="surviving", verbose=False)
     make_trainer(tmp_path, [prune, Record()], max_epochs=4).fit(ToyMLP(), toy_loader())
-    for earlier, later in zip(seen[1:], seen[2:], strict=False):
+    for earlier, later in itertools.pairwise(seen[1:]):
         for name in earlier:
             assert not torch.any(later[name] & ~earlier[name])
             assert later[name].sum() < earlier[name].sum()
@@ -154,9 +155,7 @@ def test_logs_sparsity_and_prints_table(tmp_path, caplog):
     metrics = trainer.callback_metrics
     assert metrics["prune/sparsity"].item() == pytest.approx(prune.pruner.sparsity())
     assert 0.5 < metrics["prune/sparsity"].item() < 0.9
-    assert metrics["prune/remaining_pct/net.0.weight"].item() == pytest.approx(
-        prune.pruner.stats()[0].remaining_pct
-    )
+    assert metrics["prune/remaining_pct/net.0.weight"].item() == pytest.approx(prune.pruner.stats()[0].remaining_pct)
     assert "pruned at the start of epoch 1" in caplog.text
     assert "net.0.weight" in caplog.text and "x fewer" in caplog.text
 
@@ -307,7 +306,7 @@ def test_non_finite_weights_at_prune_time(tmp_path):
                     pl_module.net[3].weight[0, 0] = float("nan")
 
     trainer = make_trainer(tmp_path, [Poison(), PruneRetrainCallback(prune_epochs=[1], verbose=False)], 2)
-    with pytest.raises(PruningError, match="Parameter 'net.3.weight' holds NaN or inf values"):
+    with pytest.raises(PruningError, match=r"Parameter 'net\.3\.weight' holds NaN or inf values"):
         trainer.fit(ToyMLP(), toy_loader())
 
 
@@ -315,7 +314,7 @@ def test_a_prune_that_empties_a_layer_fails_unless_floored(tmp_path):
     model = ToyMLP()
     prune = PruneRetrainCallback(quality=50.0, prune_epochs=[1], verbose=False)
     trainer = make_trainer(tmp_path, [prune], max_epochs=2)
-    with pytest.raises(PruningError, match="Pruning would remove every connection of 'net.0.weight'"):
+    with pytest.raises(PruningError, match=r"Pruning would remove every connection of 'net\.0\.weight'"):
         trainer.fit(model, toy_loader())
     assert not prune.pruner.masks
     assert torch.all(model.net[0].weight != 0)

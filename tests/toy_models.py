@@ -67,9 +67,7 @@ class ToyConvNet(pl.LightningModule):
 
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 8, 3), nn.ReLU()
-        )
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 8, 3), nn.ReLU())
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
