@@ -2,6 +2,15 @@
 
 from lightning_prune.callback import PruneRetrainCallback
 from lightning_prune.core import LayerStats, MagnitudePruner, PruningError, format_table
+from lightning_prune.rounds import PhaseResult, fit_rounds
 
-__all__ = ["LayerStats", "MagnitudePruner", "PruneRetrainCallback", "PruningError", "format_table"]
+__all__ = [
+    "LayerStats",
+    "MagnitudePruner",
+    "PhaseResult",
+    "PruneRetrainCallback",
+    "PruningError",
+    "fit_rounds",
+    "format_table",
+]
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """``PruneRetrainCallback``: Han et al.'s prune-retrain method for any LightningModule.
 
-The callback decides *when* to prune; :class:`~lightning_prune.core.pruner.MagnitudePruner`
-decides *what*.
+The callback decides *when* (at which epoch a round prunes, which retraining settings are in force);
+the core (:mod:`lightning_prune.core`) decides *what*.
 """
 
 from __future__ import annotations
@@ -11,22 +11,25 @@ from itertools import pairwise
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
-from lightning_prune.core.pruner import (
-    CRITERIA,
-    STD_OF,
-    Criterion,
-    MagnitudePruner,
-    StdOf,
-    check_fraction,
-    check_quality,
+from lightning_prune.core.dropout import DropoutAdjuster, ForwardTrace, layer_counts, weight_layers
+from lightning_prune.core.freezing import Freezer, trainable_parameters
+from lightning_prune.core.learning_rate import scale_learning_rate
+from lightning_prune.core.pruner import Criterion, MagnitudePruner, StdOf
+from lightning_prune.core.regularization import (
+    add_l1_gradient,
+    params_without_optimizer,
+    restore_weight_decay,
+    set_weight_decay,
 )
 from lightning_prune.core.report import format_table
+from lightning_prune.core.schedule import Round, build_rounds, check_number, check_round, start_epochs
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 def _check_epochs(prune_epochs: Sequence[int] | None) -> list[int] | None:
@@ -46,45 +49,77 @@ def _check_epochs(prune_epochs: Sequence[int] | None) -> list[int] | None:
 
 
 class PruneRetrainCallback(Callback):
-    """Prune connections by magnitude at chosen epochs and keep them pruned while the rest retrain.
+    """Prune connections by magnitude in rounds, and retrain the survivors the way Han et al. did.
 
-    At the start of each epoch in ``prune_epochs`` every selected layer loses the connections below
-    its threshold (Han et al. 2015: ``quality * std(W)``); from then on the pruned weights stay
-    exactly zero: their gradients are masked before every optimizer step (before gradient clipping),
-    the weights are re-masked after it, and the optimizer's state of pruned entries is zeroed. Masks
-    only shrink. They are part of this callback's checkpoint state, so ``trainer.fit(ckpt_path=...)``
-    resumes with them; the model's own ``state_dict`` stays plain (dense tensors holding zeros).
+    **Pruning.** At the start of each round every selected layer loses the connections below its
+    threshold (``quality * std(W)``, or a fraction / global rule); from then on the pruned weights
+    stay exactly zero: their gradients are masked before every optimizer step (before gradient
+    clipping), their optimizer state is zeroed, and the weights are re-masked after the step for any
+    optimizer that could move a zero weight with a zero gradient. Masks only shrink. They are part of
+    this callback's checkpoint state; the model's own ``state_dict`` stays plain (dense tensors
+    holding zeros).
+
+    **Retraining** (each setting from the round in force, the dense phase having its own):
+
+    - dropout: every dropout module's rate becomes ``D_o * sqrt(C_ir / C_io)`` of the layer whose
+      inputs it drops (always from the original rate and count);
+    - regularization: L2 as the optimizer's weight decay, L1 as a gradient term ``l1 * sign(w)``;
+    - learning rate: scaled by ``lr_scale`` in the param groups and in LR schedulers' base rates;
+    - local retraining: only the modules matching ``train_only`` train, the rest is frozen (no
+      gradient, so backprop stops at a frozen prefix; BatchNorm statistics frozen too by default).
+
+    **Rounds.** A round is a dict of the keys in :data:`~lightning_prune.core.schedule.ROUND_KEYS`;
+    keys left out take the constructor's values (``lr_scale``, ``weight_decay`` and ``l1`` default to
+    ``retrain_lr_scale``, ``retrain_weight_decay`` and ``retrain_l1``). Inside one ``fit``, round
+    ``k`` starts at ``prune_epochs[k]``, or, when rounds carry ``epochs``, the rounds fill the end of
+    training and what precedes them is dense training. :func:`lightning_prune.fit_rounds` runs each
+    round as its own ``Trainer.fit`` instead.
 
     Args:
         layers: Glob patterns over module names (``["features.*", "fc1"]``). ``None``: every
             Linear and Conv1d/2d/3d layer.
-        quality: Han's quality parameter: the threshold of a layer is ``quality * std(W)``. A number,
-            or ``{pattern: number}`` for per-layer sensitivity (exact names win, then the first
-            matching pattern; ``"*"`` gives a default).
-        prune_epochs: Epochs (0-based) at whose start masks are (re)computed, strictly increasing.
-            ``None``: one prune at ``max_epochs // 2``, dense training then retraining.
-        criterion: ``"std"`` (Han's rule, uses ``quality``), ``"fraction"`` (prune the smallest
-            ``amount`` of each layer) or ``"global"`` (the smallest ``amount`` of all selected weights
-            together); the last two are what ``ModelPruning`` users know.
+        quality: Han's quality: a layer's threshold is ``quality * std(W)``. A number, or
+            ``{pattern: number}`` (exact names win, then the first matching pattern; ``"*"`` as default).
+        prune_epochs: Epochs (0-based) at whose start rounds prune, strictly increasing. ``None``:
+            from the rounds' ``epochs``, or one prune at ``max_epochs // 2`` when there are no rounds.
+        criterion: ``"std"`` (Han's rule), ``"fraction"`` (the smallest ``amount`` of each layer) or
+            ``"global"`` (the smallest ``amount`` of all selected weights together).
         amount: Target share pruned for ``"fraction"`` (number or ``{pattern: number}``) and
-            ``"global"`` (number), counting connections pruned before.
-        std_of: ``"dense"`` (default): the std is that of the layer's weights when first pruned, cached,
-            so a quality always means the same cut; ``"surviving"``: the std of the weights alive at
-            each prune, so repeated prunes at one quality keep cutting deeper.
-        prune_bias: Prune the selected layers' biases too (by their own std / amount).
+            ``"global"``, counting connections pruned before.
+        std_of: ``"dense"``: the std of a layer's weights when first pruned (cached: a quality always
+            means the same cut); ``"surviving"``: the std of the weights alive at each prune.
+        prune_bias: Prune the selected layers' biases too.
         min_remaining: ``None``: a prune that would remove every connection of a layer raises
-            :class:`~lightning_prune.core.pruner.PruningError`. A share in ``[0, 1]``: each layer keeps
-            at least that share (and one connection), the largest weights.
-        verbose: Print the per-layer table at each prune (rank zero only).
+            :class:`~lightning_prune.core.pruner.PruningError`; a share in ``[0, 1]``: each layer keeps
+            at least that share (and one connection).
+        adjust_dropout: Adjust dropout rates after each prune.
+        dropout_map: ``{dropout_module: layer}`` links that override the automatic ones (forward
+            order, traced in the first training batch; module registration order before that).
+        l1: L1 coefficient during dense training (gradient term on the selected weights).
+        weight_decay: Weight decay during dense training; ``None`` leaves the optimizer's own.
+        retrain_l1: L1 coefficient while retraining (default for rounds' ``l1``).
+        retrain_weight_decay: Weight decay while retraining (default for rounds' ``weight_decay``);
+            ``None`` leaves the optimizer's own. Weight decay is set in the param groups that hold a
+            selected weight; other groups (e.g. no-decay groups of biases and norms) keep theirs.
+        retrain_lr_scale: Learning-rate factor while retraining (paper: 0.1 for LeNets, 0.01 for AlexNet).
+        train_only: Glob patterns of the modules that retrain (default for rounds' ``train_only``);
+            ``None``: everything trains.
+        freeze_bn_stats: Put BatchNorm modules of the frozen part in eval mode (running statistics frozen).
+        rounds: List of round dicts (see above); ``None``: one round per prune epoch, all defaults.
+        verbose: Print the per-layer table at each prune and a summary at each round's end (rank zero).
 
     Example::
 
         from lightning_prune import PruneRetrainCallback
 
-        trainer = Trainer(
-            max_epochs=20,
-            callbacks=[PruneRetrainCallback(quality={"conv*": 0.6, "*": 1.2}, prune_epochs=[10])],
+        prune = PruneRetrainCallback(
+            retrain_lr_scale=0.1,
+            rounds=[
+                {"quality": {"conv*": 0.5, "*": 1.0}, "epochs": 4},
+                {"quality": {"conv*": 0.7, "*": 1.4}, "epochs": 4, "train_only": ["fc*"]},
+            ],
         )
+        trainer = Trainer(max_epochs=20, callbacks=[prune])  # 12 dense epochs, then 2 rounds
         trainer.fit(model, datamodule=dm)
     """
 
@@ -98,127 +133,348 @@ class PruneRetrainCallback(Callback):
         std_of: StdOf = "dense",
         prune_bias: bool = False,
         min_remaining: float | None = None,
+        adjust_dropout: bool = True,
+        dropout_map: dict[str, str] | None = None,
+        l1: float = 0.0,
+        weight_decay: float | None = None,
+        retrain_l1: float = 0.0,
+        retrain_weight_decay: float | None = None,
+        retrain_lr_scale: float = 1.0,
+        train_only: list[str] | None = None,
+        freeze_bn_stats: bool = True,
+        rounds: list[dict[str, Any]] | None = None,
         verbose: bool = True,
     ) -> None:
         super().__init__()
         if layers is not None and (
-            isinstance(layers, str) or not all(isinstance(p, str) and p for p in layers) or not layers
+            isinstance(layers, str) or not layers or not all(isinstance(p, str) and p for p in layers)
         ):
             raise ValueError(f"`layers` must be None or a non-empty list of glob patterns, got {layers!r}.")
-        if criterion not in CRITERIA:
-            raise ValueError(f"`criterion` must be one of {CRITERIA}, got {criterion!r}.")
-        if std_of not in STD_OF:
-            raise ValueError(f"`std_of` must be one of {STD_OF}, got {std_of!r}.")
-        check_quality(quality)
+        if dropout_map is not None and (
+            not isinstance(dropout_map, Mapping)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in dropout_map.items())
+        ):
+            raise ValueError(f"`dropout_map` must be a dict of dropout module name -> layer name, got {dropout_map!r}.")
+        check_number(l1, "`l1`")
+        check_number(weight_decay, "`weight_decay`", optional=True)
+        check_number(retrain_l1, "`retrain_l1`")
+        check_number(retrain_weight_decay, "`retrain_weight_decay`", optional=True)
+        check_number(retrain_lr_scale, "`retrain_lr_scale`", positive=True)
+        self.defaults: dict[str, Any] = {
+            "criterion": criterion,
+            "quality": dict(quality) if isinstance(quality, Mapping) else quality,
+            "amount": dict(amount) if isinstance(amount, Mapping) else amount,
+            "std_of": std_of,
+            "min_remaining": min_remaining,
+            "train_only": list(train_only) if train_only is not None else None,
+            "lr_scale": retrain_lr_scale,
+            "weight_decay": retrain_weight_decay,
+            "l1": retrain_l1,
+        }
+        check_round({k: v for k, v in self.defaults.items() if k not in ("lr_scale", "weight_decay", "l1")})
+        if criterion != "std" and amount is None:
+            raise ValueError(f"criterion={criterion!r} needs `amount`, the share of weights to prune in [0, 1].")
         if criterion == "std" and amount is not None:
             raise ValueError("`amount` is for criterion='fraction' or 'global'; with criterion='std' use `quality`.")
-        if criterion != "std":
-            if amount is None:
-                raise ValueError(f"criterion={criterion!r} needs `amount`, the share of weights to prune in [0, 1].")
-            for key, value in amount.items() if isinstance(amount, Mapping) else [("", amount)]:
-                check_fraction(value, f"amount[{key!r}]" if key else "amount")
-        if min_remaining is not None:
-            check_fraction(min_remaining, "min_remaining")
-        self.layers = list(layers) if layers is not None else None
-        self.quality = dict(quality) if isinstance(quality, Mapping) else quality
         self.prune_epochs = _check_epochs(prune_epochs)
-        self.criterion = criterion
-        self.amount = dict(amount) if isinstance(amount, Mapping) else amount
-        self.std_of = std_of
+        self.rounds = build_rounds(rounds, len(self.prune_epochs or [0]), self.defaults)
+        if self.prune_epochs is not None:
+            start_epochs(self.rounds, self.prune_epochs, None)
+        self.layers = list(layers) if layers is not None else None
         self.prune_bias = prune_bias
-        self.min_remaining = min_remaining
+        self.adjust_dropout = adjust_dropout
+        self.dropout_map = dict(dropout_map) if dropout_map is not None else None
+        self.l1 = l1
+        self.weight_decay = weight_decay
+        self.freeze_bn_stats = freeze_bn_stats
         self.verbose = verbose
+
         self.pruner: MagnitudePruner | None = None
-        self.done_epochs: list[int] = []
+        self.dropout: DropoutAdjuster | None = None
+        self.freezer = Freezer()
+        self.done_rounds: list[int] = []
+        self.lr_scale_in_force = 1.0
+        self._original_weight_decay: list[list[float]] = []
+        self._fit_plan: dict[int, list[int]] | None = None
+        self._starts: list[int] = []
         self._pending_state: dict[str, Any] | None = None
+        self._trace: ForwardTrace | None = None
+        self._traced = False
+        self._l1_in_force = 0.0
+        self._selected_cache: dict[int, list[torch.Tensor]] = {}
 
     @property
     def state_key(self) -> str:
         """Key of this callback's state in checkpoints."""
         return self._generate_state_key(layers=self.layers)
 
-    def _prune_kwargs(self) -> dict[str, Any]:
-        return {
-            "criterion": self.criterion,
-            "quality": self.quality,
-            "amount": self.amount,
-            "std_of": self.std_of,
-            "min_remaining": self.min_remaining,
-        }
+    @property
+    def active_round(self) -> Round | None:
+        """The round whose retraining settings are in force (``None`` during dense training)."""
+        return self.rounds[self.done_rounds[-1]] if self.done_rounds else None
 
-    def _schedule(self, trainer: pl.Trainer) -> list[int]:
-        if self.prune_epochs is not None:
-            return self.prune_epochs
-        if trainer.max_epochs is None or trainer.max_epochs < 2:
-            raise ValueError(
-                f"`prune_epochs=None` prunes once at max_epochs // 2, which needs a finite "
-                f"`Trainer(max_epochs=...)` >= 2 (got {trainer.max_epochs!r}). Pass `prune_epochs` explicitly."
-            )
-        return [trainer.max_epochs // 2]
+    def fit_round(self, index: int | None) -> None:
+        """Make the next ``fit`` run round ``index`` from its first epoch (``None``: a dense fit, no prune).
+
+        Used by :func:`lightning_prune.fit_rounds`, which runs each round as its own ``Trainer.fit``;
+        the next fit ignores ``prune_epochs`` and the rounds' start epochs.
+        """
+        if index is not None and not 0 <= index < len(self.rounds):
+            raise ValueError(f"Round index {index} is out of range: there are {len(self.rounds)} rounds.")
+        self._fit_plan = {} if index is None else {0: [index]}
+
+    # ------------------------------------------------------------------ setup and validation
+    def _schedule(self, trainer: pl.Trainer) -> dict[int, list[int]]:
+        """``{epoch: [round indices starting then]}`` for this fit."""
+        if self._fit_plan is not None:
+            return self._fit_plan
+        return {epoch: [k] for k, epoch in enumerate(self._starts)}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Resolve and validate layers, per-layer values and the schedule against the model."""
+        """Resolve and validate layers, rounds, dropout links and frozen sets against the model."""
         if stage != "fit":
             return
         if self.pruner is None or self.pruner.model is not pl_module:
             self.pruner = MagnitudePruner(pl_module, self.layers, include_bias=self.prune_bias)
-        self.pruner.check(**self._prune_kwargs())
-        epochs = self._schedule(trainer)
-        max_epochs = trainer.max_epochs
-        late = [e for e in epochs if max_epochs is not None and 0 <= max_epochs <= e]
-        if late:
-            rank_zero_warn(
-                f"`prune_epochs` {late} are >= max_epochs={max_epochs}: they will not run in this fit "
-                f"(a later fit resumed from its checkpoint with a larger max_epochs runs them)."
-            )
+            self.dropout = DropoutAdjuster(pl_module, self.dropout_map) if self.adjust_dropout else None
+            self._traced = False
+        for index, round_ in enumerate(self.rounds):
+            try:
+                self.pruner.check(**round_.prune_kwargs())
+                if round_.train_only is not None:
+                    trainable_parameters(pl_module, round_.train_only)
+            except ValueError as err:
+                raise ValueError(f"rounds[{index}]: {err}") from err
+        if self._fit_plan is None:
+            self._starts = self._start_epochs(trainer)
+            max_epochs = trainer.max_epochs
+            late = [e for e in self._starts if max_epochs is not None and 0 <= max_epochs <= e]
+            if late:
+                rank_zero_warn(
+                    f"Rounds starting at epochs {late} are at or beyond max_epochs={max_epochs}: they will not run "
+                    f"in this fit (a later fit resumed from its checkpoint with a larger max_epochs runs them)."
+                )
 
+    def _start_epochs(self, trainer: pl.Trainer) -> list[int]:
+        if self.prune_epochs is None and all(r.epochs is None for r in self.rounds):
+            if trainer.max_epochs is None or trainer.max_epochs < 2:
+                raise ValueError(
+                    f"Without `prune_epochs` or rounds with `epochs`, the callback prunes once at max_epochs // 2, "
+                    f"which needs a finite `Trainer(max_epochs=...)` >= 2 (got {trainer.max_epochs!r})."
+                )
+            if len(self.rounds) != 1:
+                raise ValueError("Several rounds need `prune_epochs` or an `epochs` entry in each round.")
+            return [trainer.max_epochs // 2]
+        return start_epochs(self.rounds, self.prune_epochs, trainer.max_epochs)
+
+    # ------------------------------------------------------------------ training
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Restore checkpointed masks on the model's device and hook into every optimizer."""
+        """Restore checkpointed state on the model's device, hook the optimizers, enter the current phase."""
         assert self.pruner is not None
         self.pruner.refresh()
+        self._selected_cache.clear()
+        resumed_optimizers = trainer.ckpt_path is not None
         if self._pending_state is not None:
-            self.pruner.load_state_dict(self._pending_state.get("pruner", {}))
-            self.done_epochs = list(self._pending_state.get("done_epochs", []))
+            self._restore(self._pending_state, resumed_optimizers)
             self._pending_state = None
+        if not resumed_optimizers or not self._original_weight_decay:
+            self.lr_scale_in_force = 1.0
+            self._original_weight_decay = [
+                [g.get("weight_decay", 0.0) for g in o.param_groups] for o in trainer.optimizers
+            ]
         for optimizer in trainer.optimizers:
-            self.pruner.attach(optimizer, mask_grads=False)
+            self.pruner.attach(optimizer)
+        needs_optimizer = (
+            self.l1 > 0
+            or self.weight_decay is not None
+            or any(r.l1 > 0 or r.weight_decay is not None for r in self.rounds)
+        )
+        if needs_optimizer:
+            selected = {name: self.pruner.parameter(name) for name in self.pruner.layer_of}
+            missing = params_without_optimizer(trainer.optimizers, selected)
+            if missing:
+                raise ValueError(
+                    f"L1 or weight decay is configured, but no optimizer of the trainer holds {missing[0]!r}: the "
+                    f"callback applies them through the optimizers it finds in `configure_optimizers`."
+                )
+        self._enter_phase(trainer, pl_module)
+
+    def _enter_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Apply the settings of the active round (or of dense training) to optimizers and model."""
+        assert self.pruner is not None
+        round_ = self.active_round
+        self._l1_in_force = round_.l1 if round_ else self.l1
+        decay = round_.weight_decay if round_ else self.weight_decay
+        selected = [self.pruner.parameter(name) for name in self.pruner.layer_of]
+        for index, optimizer in enumerate(trainer.optimizers):
+            if decay is not None:
+                set_weight_decay(optimizer, selected, decay)
+            elif index < len(self._original_weight_decay):
+                restore_weight_decay(optimizer, self._original_weight_decay[index])
+        target = round_.lr_scale if round_ else 1.0
+        if target != self.lr_scale_in_force:
+            for optimizer in trainer.optimizers:
+                schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
+                scale_learning_rate(optimizer, target / self.lr_scale_in_force, schedulers)
+            self.lr_scale_in_force = target
+        self.freezer.thaw()
+        if round_ is not None and round_.train_only is not None:
+            self.freezer.freeze(pl_module, round_.train_only, freeze_bn_stats=self.freeze_bn_stats)
+        if self.dropout is not None:
+            self.dropout.apply(layer_counts(self.pruner.masks, self.pruner.layer_of))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Prune if this epoch (or a missed earlier one) is scheduled."""
+        """Run the rounds due at this epoch (late ones too), then enter the latest one's phase."""
         assert self.pruner is not None
         epoch = trainer.current_epoch
-        due = [e for e in self._schedule(trainer) if e <= epoch and e not in self.done_epochs]
-        if due:
-            if due[0] < epoch:
-                rank_zero_warn(f"Prune scheduled for epoch {due[0]} runs late, at the start of epoch {epoch}.")
-            stats = self.pruner.prune(**self._prune_kwargs())
-            self.done_epochs.extend(due)
+        due = [k for start, ks in self._schedule(trainer).items() if start <= epoch for k in ks]
+        due = [k for k in due if k not in self.done_rounds]
+        for k in due:
+            start = next(s for s, ks in self._schedule(trainer).items() if k in ks)
+            if start < epoch:
+                rank_zero_warn(f"Round {k} was due at epoch {start}; it runs late, at the start of epoch {epoch}.")
+            if self.done_rounds and self.verbose and epoch > 0:
+                self._summarize_round(trainer)
+            stats = self.pruner.prune(**self.rounds[k].prune_kwargs())
+            self.done_rounds.append(k)
+            self._enter_phase(trainer, pl_module)
             if self.verbose:
-                title = f"lightning-prune: pruned at the start of epoch {epoch} (prune {len(self.done_epochs)})"
-                rank_zero_info(format_table(stats, title=title))
+                rank_zero_info(self._describe_prune(k, epoch, stats))
             for s in stats:
                 pl_module.log(f"prune/remaining_pct/{s.name}", s.remaining_pct, on_epoch=True)
+        if not due:
+            self.freezer.reapply()
         if self.pruner.masks:
             pl_module.log("prune/sparsity", self.pruner.sparsity(), on_epoch=True)
+            pl_module.log("prune/round", float(len(self.done_rounds)), on_epoch=True)
+
+    def _describe_prune(self, k: int, epoch: int, stats: list[Any]) -> str:
+        round_ = self.rounds[k]
+        where = f"round {k + 1}/{len(self.rounds)}, start of epoch {epoch}"
+        lines = [format_table(stats, title=f"lightning-prune: pruned ({where})")]
+        retrain = [f"lr x{round_.lr_scale:g}"]
+        if round_.weight_decay is not None:
+            retrain.append(f"weight decay {round_.weight_decay:g}")
+        if round_.l1:
+            retrain.append(f"L1 {round_.l1:g}")
+        if round_.train_only is not None:
+            retrain.append(f"training only {round_.train_only} ({len(self.freezer.frozen)} parameters frozen)")
+        lines.append("retraining: " + ", ".join(retrain))
+        if self.dropout is not None and self.dropout.original:
+            now = self.dropout.current()
+            rates = ", ".join(f"{name} {p:.3g}->{now[name]:.3g}" for name, p in self.dropout.original.items() if p > 0)
+            lines.append(f"dropout ({self.dropout.source} links): {rates}")
+        return "\n".join(lines)
+
+    def _summarize_round(self, trainer: pl.Trainer) -> None:
+        assert self.pruner is not None
+        metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("prune/") and v.numel() == 1
+        }
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())) or "no metrics logged"
+        rank_zero_info(
+            f"lightning-prune: end of round {len(self.done_rounds)}/{len(self.rounds)}: "
+            f"{100 * (1 - self.pruner.sparsity()):.2f}% of the selected weights remain; {shown}"
+        )
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Trace the forward order once (first batch) to link dropout modules to layers."""
+        if self.dropout is not None and not self._traced and self._trace is None:
+            self._trace = ForwardTrace(pl_module, weight_layers(pl_module)).__enter__()
+
+    def _end_trace(self) -> None:
+        if self._trace is None:
+            return
+        trace, self._trace = self._trace, None
+        trace.close()
+        self._traced = True
+        if trace.functional_dropout:
+            rank_zero_warn(
+                f"The model calls dropout functionally (torch.nn.functional.dropout in forward; "
+                f"{trace.functional_dropout} call(s) in one step). lightning-prune cannot adjust those rates; use "
+                f"nn.Dropout modules for the paper's dropout adjustment."
+            )
+        assert self.dropout is not None and self.pruner is not None
+        if trace.order:
+            self.dropout.use_order(trace.order, "traced")
+            self.dropout.apply(layer_counts(self.pruner.masks, self.pruner.layer_of))
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        """End the one-batch trace before backward."""
+        self._end_trace()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """End the one-batch trace if no backward ran."""
+        self._end_trace()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        """Zero the gradients of pruned weights, before gradient clipping and the step."""
-        if self.pruner is not None:
-            self.pruner.mask_gradients(optimizer)
+        """Add the L1 term, then zero the gradients of pruned weights, before gradient clipping and the step."""
+        assert self.pruner is not None
+        if self._l1_in_force:
+            add_l1_gradient(self._selected_in(optimizer), self._l1_in_force)
+        self.pruner.mask_gradients(optimizer)
+
+    def _selected_in(self, optimizer: Optimizer) -> list[torch.Tensor]:
+        assert self.pruner is not None
+        cached = self._selected_cache.get(id(optimizer))
+        if cached is None:
+            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            params = [self.pruner.parameter(name) for name in self.pruner.layer_of]
+            cached = self._selected_cache[id(optimizer)] = [p for p in params if id(p) in owned]
+        return cached
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Summarize the last round."""
+        if self.done_rounds and self.verbose:
+            self._summarize_round(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Unhook the optimizers, so they behave as the user's own after fit."""
+        """Unhook the optimizers and thaw frozen layers, so the model is the user's own again after fit."""
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
         if self.pruner is not None:
             self.pruner.detach()
+        self.freezer.thaw()
+        self._fit_plan = None
 
+    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Masks, threshold statistics and schedule position: tensors and plain values only."""
+        """Masks, threshold statistics, round position, dropout rates: tensors and plain values only."""
         if self.pruner is None:
             return dict(self._pending_state or {})
-        return {"version": _STATE_VERSION, "pruner": self.pruner.state_dict(), "done_epochs": list(self.done_epochs)}
+        return {
+            "version": _STATE_VERSION,
+            "pruner": self.pruner.state_dict(),
+            "done_rounds": list(self.done_rounds),
+            "lr_scale_in_force": self.lr_scale_in_force,
+            "original_weight_decay": [list(g) for g in self._original_weight_decay],
+            "dropout": self.dropout.state_dict() if self.dropout is not None else None,
+            "traced": self._traced,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the checkpointed state until training starts, when the model is on its device."""
         self._pending_state = dict(state_dict)
+
+    def _restore(self, state: Mapping[str, Any], resumed_optimizers: bool) -> None:
+        assert self.pruner is not None
+        self.pruner.load_state_dict(state.get("pruner", {}))
+        self.done_rounds = [int(k) for k in state.get("done_rounds", [])]
+        if len(self.done_rounds) > len(self.rounds):
+            raise ValueError(
+                f"The checkpoint has {len(self.done_rounds)} rounds done, but this callback has only "
+                f"{len(self.rounds)} rounds."
+            )
+        if resumed_optimizers:
+            self.lr_scale_in_force = float(state.get("lr_scale_in_force", 1.0))
+            self._original_weight_decay = [list(g) for g in state.get("original_weight_decay", [])]
+        if self.dropout is not None and state.get("dropout"):
+            self.dropout.load_state_dict(state["dropout"])
+            self._traced = bool(state.get("traced", False))

@@ -63,7 +63,7 @@ def test_pruned_weights_stay_zero(tmp_path, optimizer, trainer_kwargs, manual):
         assert keep.dtype == torch.bool
         assert 0 < keep.sum() < keep.numel()
         assert torch.all(model.get_parameter(name)[~keep] == 0)
-    assert prune.done_epochs == [1, 2]
+    assert prune.done_rounds == [0, 1]
 
 
 def test_surviving_weights_keep_training(tmp_path):
@@ -144,7 +144,7 @@ def test_layers_by_pattern_on_conv_net(tmp_path):
 def test_default_schedule_prunes_at_half_of_max_epochs(tmp_path):
     prune = PruneRetrainCallback(verbose=False)
     make_trainer(tmp_path, [prune], max_epochs=5).fit(ToyMLP(), toy_loader())
-    assert prune.done_epochs == [2]
+    assert prune.done_rounds == [0] and prune._starts == [2]
 
 
 def test_logs_sparsity_and_prints_table(tmp_path, caplog):
@@ -156,7 +156,7 @@ def test_logs_sparsity_and_prints_table(tmp_path, caplog):
     assert metrics["prune/sparsity"].item() == pytest.approx(prune.pruner.sparsity())
     assert 0.5 < metrics["prune/sparsity"].item() < 0.9
     assert metrics["prune/remaining_pct/net.0.weight"].item() == pytest.approx(prune.pruner.stats()[0].remaining_pct)
-    assert "pruned at the start of epoch 1" in caplog.text
+    assert "pruned (round 1/1, start of epoch 1)" in caplog.text
     assert "net.0.weight" in caplog.text and "x fewer" in caplog.text
 
 
@@ -187,7 +187,7 @@ def test_resume_gives_same_masks_and_weights_as_uninterrupted(tmp_path):
     _run(tmp_path / "part", max_epochs=2, save=True)
     ckpt = tmp_path / "part" / "last.ckpt"
     resumed_model, resumed_prune = _run(tmp_path / "part", max_epochs=5, ckpt_path=ckpt)
-    assert resumed_prune.done_epochs == [1, 3]
+    assert resumed_prune.done_rounds == [0, 1]
     for name, keep in full_prune.pruner.masks.items():
         assert torch.equal(keep, resumed_prune.pruner.masks[name])
     assert full_prune.pruner.dense_std == resumed_prune.pruner.dense_std
@@ -199,7 +199,7 @@ def test_checkpoint_is_plain_and_weights_only_loadable(tmp_path):
     _run(tmp_path, max_epochs=2, save=True)
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
     (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("PruneRetrainCallback")]
-    assert state["done_epochs"] == [1]
+    assert state["done_rounds"] == [0]
     masks = state["pruner"]["masks"]
     assert all(m.dtype == torch.bool for m in masks.values())
     assert not any("mask" in key or "orig" in key for key in ckpt["state_dict"])
@@ -219,9 +219,9 @@ def test_resume_from_a_dense_checkpoint_prunes_late(tmp_path):
     )
     trainer.fit(ToyMLP(), toy_loader())
     prune = PruneRetrainCallback(quality=0.8, prune_epochs=[1], verbose=False)
-    with pytest.warns(UserWarning, match="epoch 1 runs late, at the start of epoch 3"):
+    with pytest.warns(UserWarning, match="Round 0 was due at epoch 1; it runs late, at the start of epoch 3"):
         make_trainer(tmp_path, [prune], max_epochs=4).fit(ToyMLP(), toy_loader(), ckpt_path=tmp_path / "last.ckpt")
-    assert prune.done_epochs == [1] and prune.pruner.masks
+    assert prune.done_rounds == [0] and prune.pruner.masks
 
 
 def test_optimizer_hooks_removed_after_fit(tmp_path):
@@ -274,7 +274,7 @@ def test_bad_constructor_arguments(kwargs, match):
         ({"layers": ["net.1"]}, {}, "Pattern 'net.1' in `layers` matches no module with a prunable weight"),
         ({"quality": {"net.0": 1.0}}, {}, "Layer 'net.3' matches no pattern in `quality`"),
         ({"quality": {"conv*": 1.0, "*": 1.0}}, {}, "Pattern 'conv\\*' in `quality` matches none of the pruned"),
-        ({}, {"max_epochs": 1}, r"`prune_epochs=None` prunes once at max_epochs // 2, .*got 1"),
+        ({}, {"max_epochs": 1}, r"prunes once at max_epochs // 2, .*got 1"),
         ({"criterion": "global", "amount": {"*": 0.5}}, {}, "criterion='global' takes one `amount`"),
     ],
 )
@@ -293,9 +293,9 @@ def test_bad_setup_fails_before_training_and_leaves_model_untouched(tmp_path, kw
 
 def test_prune_epochs_beyond_max_epochs_warn(tmp_path):
     prune = PruneRetrainCallback(prune_epochs=[1, 4, 6], verbose=False)
-    with pytest.warns(UserWarning, match=r"`prune_epochs` \[4, 6\] are >= max_epochs=4: they will not run"):
+    with pytest.warns(UserWarning, match=r"epochs \[4, 6\] are at or beyond max_epochs=4: they will not run"):
         make_trainer(tmp_path, [prune], max_epochs=4).fit(ToyMLP(), toy_loader())
-    assert prune.done_epochs == [1]
+    assert prune.done_rounds == [0]
 
 
 def test_non_finite_weights_at_prune_time(tmp_path):

@@ -144,7 +144,7 @@ def floor_mask(weight: Tensor, new: Tensor, keep: Tensor | None, min_remaining: 
     """
     scores = _scores(weight, keep)
     alive = scores.numel() if keep is None else int(keep.sum())
-    n_min = min(alive, max(1, math.ceil(min_remaining * scores.numel())))
+    n_min = min(alive, max(1, math.ceil(min_remaining * scores.numel() - 1e-9)))
     if int(new.sum()) >= n_min:
         return new
     return _keep_top(scores, n_min)

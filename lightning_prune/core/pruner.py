@@ -25,6 +25,24 @@ StdOf = Literal["dense", "surviving"]
 STD_OF: tuple[str, ...] = ("dense", "surviving")
 
 
+ZERO_PRESERVING: frozenset[type[torch.optim.Optimizer]] = frozenset(
+    {
+        torch.optim.SGD,
+        torch.optim.Adam,
+        torch.optim.AdamW,
+        torch.optim.Adagrad,
+        torch.optim.Adadelta,
+        torch.optim.Adamax,
+        torch.optim.NAdam,
+        torch.optim.RAdam,
+        torch.optim.RMSprop,
+    }
+)
+"""Optimizers (exact types) whose step leaves a weight at exactly zero when its gradient and state are
+zero, weight decay included: for them masked gradients and zeroed state keep pruned weights zero, and
+no re-mask after the step is needed. Any other optimizer (subclasses included) gets the re-mask."""
+
+
 class PruningError(RuntimeError):
     """A prune that cannot be carried out (non-finite weights, a layer that would lose every connection)."""
 
@@ -73,7 +91,7 @@ class MagnitudePruner:
         >>> net = nn.Sequential(nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 2))
         >>> pruner = MagnitudePruner(net)
         >>> opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-        >>> pruner.attach(opt)  # grads masked before every step, weights after it
+        >>> pruner.attach(opt)  # pruned weights stay zero on every step
         >>> stats = pruner.prune(criterion="fraction", amount=0.5)
         >>> [s.remaining for s in stats]
         [200, 20]
@@ -88,6 +106,7 @@ class MagnitudePruner:
         self.rules: dict[str, str] = {}
         self._optimizers: dict[int, tuple[torch.optim.Optimizer, list[RemovableHandle]]] = {}
         self._pairs_cache: dict[int, MaskPairs] = {}
+        self._grads_masked: set[int] = set()
 
     @property
     def layers(self) -> list[str]:
@@ -205,13 +224,14 @@ class MagnitudePruner:
             check_quality(quality)
             values = resolve_per_layer(quality, layers, name="quality")
         else:
+            for key, value in amount.items() if isinstance(amount, Mapping) else [("", amount)]:
+                if value is not None:
+                    check_fraction(value, f"amount[{key!r}]" if key else "amount")
             if amount is None:
                 raise ValueError(f"criterion={criterion!r} needs `amount`, the share of weights to prune in [0, 1].")
             if criterion == "global" and isinstance(amount, Mapping):
                 raise ValueError("criterion='global' takes one `amount` for all layers, not a mapping.")
             values = resolve_per_layer(amount, layers, name="amount")
-            for layer, value in values.items():
-                check_fraction(value, f"amount for layer {layer!r}")
         return {name: values[self.layer_of[name]] for name in names}
 
     def _compute(
@@ -281,23 +301,51 @@ class MagnitudePruner:
         mask_weights(self._pairs())
 
     def mask_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Zero the gradients of pruned weights (only those ``optimizer`` holds, if given)."""
-        mask_gradients(self._pairs(optimizer))
+        """Zero the gradients of pruned weights (only those ``optimizer`` holds, if given).
 
-    def attach(self, optimizer: torch.optim.Optimizer, *, mask_grads: bool = True) -> None:
+        For an attached optimizer this also tells its next step that gradients are already masked,
+        so its pre-step hook does not mask them again.
+        """
+        mask_gradients(self._pairs(optimizer))
+        if optimizer is not None and id(optimizer) in self._optimizers:
+            self._grads_masked.add(id(optimizer))
+
+    def attach(self, optimizer: torch.optim.Optimizer, *, remask: Literal["auto", "always"] = "auto") -> None:
         """Enforce the masks on every step of ``optimizer``; zero its state of pruned entries now and on prune.
 
-        Registers a step post-hook that re-masks the weights after each step and, with
-        ``mask_grads``, a pre-hook that masks the gradients before it (leave it off when the driver
-        masks gradients itself earlier, e.g. before gradient clipping).
+        A step pre-hook masks the gradients, unless :meth:`mask_gradients` already did for this step
+        (a driver may do it earlier, before gradient clipping). A step post-hook re-masks the weights
+        after each step when ``remask="always"``, or with ``"auto"`` for any optimizer not in
+        :data:`ZERO_PRESERVING`: for those, a zero weight with a zero gradient and zero state stays
+        exactly zero, so the re-mask would be a second pass over every pruned weight for nothing.
+
+        Example::
+
+            >>> net = nn.Linear(8, 2)
+            >>> opt = torch.optim.Adam(net.parameters(), weight_decay=0.1)
+            >>> pruner = MagnitudePruner(net)
+            >>> pruner.attach(opt)
+            >>> _ = pruner.prune("fraction", amount=0.5)
+            >>> net(torch.randn(4, 8)).sum().backward()
+            >>> opt.step()
+            >>> net.weight.grad.count_nonzero().item(), net.weight.count_nonzero().item()
+            (8, 8)
         """
+        if remask not in ("auto", "always"):
+            raise ValueError(f"`remask` must be 'auto' or 'always', got {remask!r}.")
         if id(optimizer) in self._optimizers:
             return
-        handles = [optimizer.register_step_post_hook(lambda opt, *_: mask_weights(self._pairs(opt)))]
-        if mask_grads:
-            handles.append(optimizer.register_step_pre_hook(lambda opt, *_: self.mask_gradients(opt)))
+        handles = [optimizer.register_step_pre_hook(self._before_step)]
+        if remask == "always" or type(optimizer) not in ZERO_PRESERVING:
+            handles.append(optimizer.register_step_post_hook(lambda opt, *_: mask_weights(self._pairs(opt))))
         self._optimizers[id(optimizer)] = (optimizer, handles)
         zero_optimizer_state(optimizer, {self.parameter(n): k for n, k in self.masks.items()})
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        if id(optimizer) in self._grads_masked:
+            self._grads_masked.discard(id(optimizer))
+        else:
+            mask_gradients(self._pairs(optimizer))
 
     def detach(self) -> None:
         """Remove the hooks of every attached optimizer."""
@@ -306,6 +354,7 @@ class MagnitudePruner:
                 handle.remove()
         self._optimizers.clear()
         self._pairs_cache.clear()
+        self._grads_masked.clear()
 
     def stats(self) -> list[LayerStats]:
         """Per-parameter remaining counts, last thresholds and rules, in module order."""
@@ -334,7 +383,7 @@ class MagnitudePruner:
     def state_dict(self) -> dict[str, Any]:
         """Masks (``bool`` CPU tensors) and threshold statistics: plain values only, ``weights_only``-safe."""
         return {
-            "masks": {name: keep.cpu() for name, keep in self.masks.items()},
+            "masks": {name: keep.to("cpu", copy=True) for name, keep in self.masks.items()},
             "dense_std": dict(self.dense_std),
             "thresholds": dict(self.thresholds),
             "rules": dict(self.rules),

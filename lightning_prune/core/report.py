@@ -67,7 +67,7 @@ def format_table(stats: Sequence[LayerStats], title: str | None = None) -> str:
         )
         for s in stats
     ]
-    ratio = f"{total / left:.1f}x fewer" if left else "all pruned"
+    ratio = f"{total / left:.1f}x fewer" if left else "all pruned" if total else ""
     footer = ("total", "", _count(total), _count(left), f"{100.0 * left / total if total else 0.0:.2f}%", "", ratio)
     widths = [max(len(r[i]) for r in (header, *rows, footer)) for i in range(len(header))]
     right = {2, 3, 4, 5}

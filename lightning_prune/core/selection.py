@@ -48,7 +48,7 @@ def select_layers(model: nn.Module, layers: Sequence[str] | None = None) -> list
         The selected module names.
 
     Raises:
-        ValueError: If a pattern matches no such module, or nothing is selected.
+        ValueError: If ``layers`` is a string or empty, or a pattern matches no such module.
 
     Example::
 
@@ -58,6 +58,8 @@ def select_layers(model: nn.Module, layers: Sequence[str] | None = None) -> list
         >>> select_layers(net, ["2"])
         ['2']
     """
+    if isinstance(layers, str) or (layers is not None and not layers):
+        raise ValueError(f"`layers` must be None or a non-empty list of glob patterns, got {layers!r}.")
     candidates = _candidates(model)
     if layers is None:
         selected = [n for n, m in candidates.items() if isinstance(m, DEFAULT_LAYER_TYPES)]
