@@ -256,14 +256,12 @@ class PruneRetrainCallback(Callback):
                 )
 
     def _start_epochs(self, trainer: pl.Trainer) -> list[int]:
-        if self.prune_epochs is None and all(r.epochs is None for r in self.rounds):
+        if self.prune_epochs is None and len(self.rounds) == 1 and self.rounds[0].epochs is None:
             if trainer.max_epochs is None or trainer.max_epochs < 2:
                 raise ValueError(
                     f"Without `prune_epochs` or rounds with `epochs`, the callback prunes once at max_epochs // 2, "
                     f"which needs a finite `Trainer(max_epochs=...)` >= 2 (got {trainer.max_epochs!r})."
                 )
-            if len(self.rounds) != 1:
-                raise ValueError("Several rounds need `prune_epochs` or an `epochs` entry in each round.")
             return [trainer.max_epochs // 2]
         return start_epochs(self.rounds, self.prune_epochs, trainer.max_epochs)
 

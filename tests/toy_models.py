@@ -19,7 +19,15 @@ def toy_loader(n: int = 64, features: int = 12, classes: int = 3, batch_size: in
 class ToyMLP(pl.LightningModule):
     """A 12-32-16-3 MLP; ``optimizer`` picks SGD (momentum, weight decay), Adam or AdamW."""
 
-    def __init__(self, optimizer: str = "sgd", lr: float = 0.05, manual: bool = False, dropout: float = 0.0):
+    def __init__(
+        self,
+        optimizer: str = "sgd",
+        lr: float = 0.05,
+        manual: bool = False,
+        dropout: float = 0.0,
+        scheduler: bool = False,
+        split_decay: bool = False,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = not manual
@@ -53,13 +61,22 @@ class ToyMLP(pl.LightningModule):
 
     def configure_optimizers(self):
         name, lr = self.hparams.optimizer, self.hparams.lr
+        params = self.parameters()
+        if self.hparams.split_decay:
+            weights = [p for n, p in self.named_parameters() if n.endswith("weight")]
+            biases = [p for n, p in self.named_parameters() if n.endswith("bias")]
+            params = [{"params": weights}, {"params": biases, "weight_decay": 0.0}]
         if name == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3)
-        if name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=lr / 10, weight_decay=1e-3)
-        if name == "adamw":
-            return torch.optim.AdamW(self.parameters(), lr=lr / 10, weight_decay=1e-2)
-        raise ValueError(name)
+            optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-3)
+        elif name == "adam":
+            optimizer = torch.optim.Adam(params, lr=lr / 10, weight_decay=1e-3)
+        elif name == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=lr / 10, weight_decay=1e-2)
+        else:
+            raise ValueError(name)
+        if not self.hparams.scheduler:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)}
 
 
 class ToyConvNet(pl.LightningModule):
