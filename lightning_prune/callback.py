@@ -13,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
@@ -30,6 +31,7 @@ from lightning_prune.core.report import format_table
 from lightning_prune.core.schedule import Round, build_rounds, check_number, check_round, start_epochs
 
 _STATE_VERSION = 2
+_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 
 def _check_epochs(prune_epochs: Sequence[int] | None) -> list[int] | None:
@@ -196,6 +198,7 @@ class PruneRetrainCallback(Callback):
         self.lr_scale_in_force = 1.0
         self._original_weight_decay: list[list[float]] = []
         self._fit_plan: dict[int, list[int]] | None = None
+        self._frozen_for: list[str] | None = None
         self._starts: list[int] = []
         self._pending_state: dict[str, Any] | None = None
         self._trace: ForwardTrace | None = None
@@ -210,7 +213,12 @@ class PruneRetrainCallback(Callback):
 
     @property
     def active_round(self) -> Round | None:
-        """The round whose retraining settings are in force (``None`` during dense training)."""
+        """The round whose retraining settings are in force (``None`` during dense training).
+
+        In a fit that runs one round (:meth:`fit_round`), that round is in force from the fit's start.
+        """
+        if self._fit_plan and 0 in self._fit_plan:
+            return self.rounds[self._fit_plan[0][-1]]
         return self.rounds[self.done_rounds[-1]] if self.done_rounds else None
 
     def fit_round(self, index: int | None) -> None:
@@ -224,6 +232,17 @@ class PruneRetrainCallback(Callback):
         self._fit_plan = {} if index is None else {0: [index]}
 
     # ------------------------------------------------------------------ setup and validation
+    def bind(self, model: pl.LightningModule) -> None:
+        """Select the pruned parameters and dropout modules of ``model`` (done by ``setup``; idempotent).
+
+        Raises:
+            ValueError: If ``layers`` or ``dropout_map`` do not resolve on the model.
+        """
+        if self.pruner is None or self.pruner.model is not model:
+            self.pruner = MagnitudePruner(model, self.layers, include_bias=self.prune_bias)
+            self.dropout = DropoutAdjuster(model, self.dropout_map) if self.adjust_dropout else None
+            self._traced = False
+
     def _schedule(self, trainer: pl.Trainer) -> dict[int, list[int]]:
         """``{epoch: [round indices starting then]}`` for this fit."""
         if self._fit_plan is not None:
@@ -234,10 +253,8 @@ class PruneRetrainCallback(Callback):
         """Resolve and validate layers, rounds, dropout links and frozen sets against the model."""
         if stage != "fit":
             return
-        if self.pruner is None or self.pruner.model is not pl_module:
-            self.pruner = MagnitudePruner(pl_module, self.layers, include_bias=self.prune_bias)
-            self.dropout = DropoutAdjuster(pl_module, self.dropout_map) if self.adjust_dropout else None
-            self._traced = False
+        self.bind(pl_module)
+        assert self.pruner is not None
         for index, round_ in enumerate(self.rounds):
             try:
                 self.pruner.check(**round_.prune_kwargs())
@@ -245,6 +262,11 @@ class PruneRetrainCallback(Callback):
                     trainable_parameters(pl_module, round_.train_only)
             except ValueError as err:
                 raise ValueError(f"rounds[{index}]: {err}") from err
+        self._check_strategy(trainer)
+        round_ = self.active_round
+        if self._fit_plan and round_ is not None and round_.train_only is not None:
+            # Freeze before the strategy wraps the model, so DDP only registers what trains.
+            self._freeze(pl_module, round_)
         if self._fit_plan is None:
             self._starts = self._start_epochs(trainer)
             max_epochs = trainer.max_epochs
@@ -254,6 +276,31 @@ class PruneRetrainCallback(Callback):
                     f"Rounds starting at epochs {late} are at or beyond max_epochs={max_epochs}: they will not run "
                     f"in this fit (a later fit resumed from its checkpoint with a larger max_epochs runs them)."
                 )
+
+    def _check_strategy(self, trainer: pl.Trainer) -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy, _SHARDED):
+            raise ValueError(
+                f"PruneRetrainCallback does not support {type(strategy).__name__} yet: it shards parameters, and "
+                f"pruning shards by magnitude would be wrong. Use strategy='ddp' (or a single device)."
+            )
+        unused = getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)
+        in_one_fit = isinstance(strategy, DDPStrategy) and not unused and self._fit_plan is None
+        if in_one_fit and any(r.train_only is not None for r in self.rounds):
+            raise ValueError(
+                "Rounds with `train_only` inside one fit under DDP need "
+                "strategy='ddp_find_unused_parameters_true' (DDP fixes the set of trained parameters when it "
+                "wraps the model), or run each round as its own fit with lightning_prune.fit_rounds."
+            )
+
+    def _freeze(self, pl_module: pl.LightningModule, round_: Round | None) -> None:
+        patterns = round_.train_only if round_ is not None else None
+        if patterns == self._frozen_for:
+            return
+        self.freezer.thaw()
+        if patterns is not None:
+            self.freezer.freeze(pl_module, patterns, freeze_bn_stats=self.freeze_bn_stats)
+        self._frozen_for = patterns
 
     def _start_epochs(self, trainer: pl.Trainer) -> list[int]:
         if self.prune_epochs is None and len(self.rounds) == 1 and self.rounds[0].epochs is None:
@@ -315,9 +362,7 @@ class PruneRetrainCallback(Callback):
                 schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
                 scale_learning_rate(optimizer, target / self.lr_scale_in_force, schedulers)
             self.lr_scale_in_force = target
-        self.freezer.thaw()
-        if round_ is not None and round_.train_only is not None:
-            self.freezer.freeze(pl_module, round_.train_only, freeze_bn_stats=self.freeze_bn_stats)
+        self._freeze(pl_module, round_)
         if self.dropout is not None:
             self.dropout.apply(layer_counts(self.pruner.masks, self.pruner.layer_of))
 
@@ -334,17 +379,23 @@ class PruneRetrainCallback(Callback):
             if self.done_rounds and self.verbose and epoch > 0:
                 self._summarize_round(trainer)
             stats = self.pruner.prune(**self.rounds[k].prune_kwargs())
+            if trainer.world_size > 1:
+                # Decided once: every rank takes rank zero's masks and statistics.
+                state = trainer.strategy.broadcast(self.pruner.state_dict(), src=0)
+                if trainer.global_rank != 0:
+                    self.pruner.load_state_dict(state)
+                    stats = self.pruner.stats()
             self.done_rounds.append(k)
             self._enter_phase(trainer, pl_module)
             if self.verbose:
                 rank_zero_info(self._describe_prune(k, epoch, stats))
             for s in stats:
-                pl_module.log(f"prune/remaining_pct/{s.name}", s.remaining_pct, on_epoch=True)
+                pl_module.log(f"prune/remaining_pct/{s.name}", s.remaining_pct, on_epoch=True, sync_dist=True)
         if not due:
             self.freezer.reapply()
         if self.pruner.masks:
-            pl_module.log("prune/sparsity", self.pruner.sparsity(), on_epoch=True)
-            pl_module.log("prune/round", float(len(self.done_rounds)), on_epoch=True)
+            pl_module.log("prune/sparsity", self.pruner.sparsity(), on_epoch=True, sync_dist=True)
+            pl_module.log("prune/round", float(len(self.done_rounds)), on_epoch=True, sync_dist=True)
 
     def _describe_prune(self, k: int, epoch: int, stats: list[Any]) -> str:
         round_ = self.rounds[k]
@@ -382,7 +433,7 @@ class PruneRetrainCallback(Callback):
         if self.dropout is not None and not self._traced and self._trace is None:
             self._trace = ForwardTrace(pl_module, weight_layers(pl_module)).__enter__()
 
-    def _end_trace(self) -> None:
+    def _end_trace(self, trainer: pl.Trainer) -> None:
         if self._trace is None:
             return
         trace, self._trace = self._trace, None
@@ -395,19 +446,22 @@ class PruneRetrainCallback(Callback):
                 f"nn.Dropout modules for the paper's dropout adjustment."
             )
         assert self.dropout is not None and self.pruner is not None
-        if trace.order:
-            self.dropout.use_order(trace.order, "traced")
+        order = trace.order
+        if trainer.world_size > 1:
+            order = trainer.strategy.broadcast(order, src=0)
+        if order:
+            self.dropout.use_order(order, "traced")
             self.dropout.apply(layer_counts(self.pruner.masks, self.pruner.layer_of))
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         """End the one-batch trace before backward."""
-        self._end_trace()
+        self._end_trace(trainer)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """End the one-batch trace if no backward ran."""
-        self._end_trace()
+        self._end_trace(trainer)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -440,6 +494,7 @@ class PruneRetrainCallback(Callback):
         if self.pruner is not None:
             self.pruner.detach()
         self.freezer.thaw()
+        self._frozen_for = None
         self._fit_plan = None
 
     # ------------------------------------------------------------------ checkpoints
@@ -460,6 +515,16 @@ class PruneRetrainCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the checkpointed state until training starts, when the model is on its device."""
         self._pending_state = dict(state_dict)
+
+    def restore(self, model: pl.LightningModule, state: Mapping[str, Any]) -> None:
+        """Bind to ``model`` and take a checkpointed state now: masks applied, dropout rates set, rounds done.
+
+        What concerns optimizers (learning-rate scale, weight decay) starts afresh with the next fit.
+        :func:`lightning_prune.fit_rounds` uses this between fits.
+        """
+        self.bind(model)
+        self._restore(state, resumed_optimizers=False)
+        self._pending_state = None
 
     def _restore(self, state: Mapping[str, Any], resumed_optimizers: bool) -> None:
         assert self.pruner is not None

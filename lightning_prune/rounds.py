@@ -12,6 +12,7 @@ counter intact.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,7 @@ def _load_phase(path: Path, model: pl.LightningModule, callback: PruneRetrainCal
     state = checkpoint.get("callbacks", {}).get(callback.state_key)
     if state is None:
         raise ValueError(f"{path} holds no state of {callback.state_key}; was it written by fit_rounds?")
-    callback.load_state_dict(state)
+    callback.restore(model, state)
 
 
 def fit_rounds(
@@ -165,7 +166,12 @@ def fit_rounds(
         if val_dataloaders is not None:
             fit_kwargs["val_dataloaders"] = val_dataloaders
         trainer.fit(model, ckpt_path=last if resume and last.exists() else None, **fit_kwargs)
-        trainer.save_checkpoint(end, weights_only=False)
+        if trainer.is_global_zero:
+            shutil.copyfile(last, end)
+        trainer.strategy.barrier("fit_rounds")
+        if callback.pruner is None or callback.pruner.model is not model:
+            # The fit ran in spawned processes (ddp_spawn): take its outcome from the phase's checkpoint.
+            _load_phase(end, model, callback)
         assert callback.pruner is not None
         stats = callback.pruner.stats()
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

@@ -110,12 +110,12 @@ def make_trainer(tmp_path, callbacks, max_epochs: int = 4, **kwargs) -> pl.Train
     """A quiet CPU trainer; extra keyword arguments go to ``Trainer``."""
     kwargs.setdefault("logger", False)
     kwargs.setdefault("enable_checkpointing", False)
+    kwargs.setdefault("accelerator", "cpu")
+    kwargs.setdefault("devices", 1)
     return pl.Trainer(
         default_root_dir=tmp_path,
         max_epochs=max_epochs,
         callbacks=callbacks,
-        accelerator="cpu",
-        devices=1,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
