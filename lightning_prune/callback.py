@@ -412,7 +412,8 @@ class PruneRetrainCallback(Callback):
         if self.dropout is not None and self.dropout.original:
             now = self.dropout.current()
             rates = ", ".join(f"{name} {p:.3g}->{now[name]:.3g}" for name, p in self.dropout.original.items() if p > 0)
-            lines.append(f"dropout ({self.dropout.source} links): {rates}")
+            if rates:
+                lines.append(f"dropout ({self.dropout.source} links): {rates}")
         return "\n".join(lines)
 
     def _summarize_round(self, trainer: pl.Trainer) -> None:

@@ -13,14 +13,14 @@ counter intact.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_prune.callback import PruneRetrainCallback
@@ -54,6 +54,13 @@ class PhaseResult:
         return self.total / self.remaining if self.remaining else float("inf")
 
 
+class PhaseCheckpoint(ModelCheckpoint):
+    """The ``last.ckpt`` of a phase of :func:`fit_rounds`.
+
+    A class of its own, so that its checkpoint state key differs from the trainer's default ``ModelCheckpoint``.
+    """
+
+
 def _find_callback(callbacks: list[Any], callback: PruneRetrainCallback | None) -> PruneRetrainCallback:
     found = [c for c in callbacks if isinstance(c, PruneRetrainCallback)]
     if callback is not None:
@@ -83,6 +90,7 @@ def fit_rounds(
     callback: PruneRetrainCallback | None = None,
     *,
     trainer_kwargs: Mapping[str, Any] | None = None,
+    trainer_factory: Callable[[int, list[Callback]], pl.Trainer] | None = None,
     datamodule: pl.LightningDataModule | None = None,
     train_dataloaders: Any = None,
     val_dataloaders: Any = None,
@@ -98,6 +106,9 @@ def fit_rounds(
             ``trainer_kwargs["callbacks"]``.
         trainer_kwargs: Keyword arguments of every phase's ``Trainer`` (all but ``max_epochs``, which
             each phase sets). Callbacks listed here are shared by all phases.
+        trainer_factory: Instead of ``trainer_kwargs``: ``factory(max_epochs, extra_callbacks)`` returns
+            the trainer of a phase, with ``callback`` and ``extra_callbacks`` among its callbacks
+            (:meth:`lightning_prune.PruneTrainer.rounds` uses this).
         datamodule: Passed to ``fit``; or give ``train_dataloaders`` / ``val_dataloaders``.
         train_dataloaders: Passed to ``fit``.
         val_dataloaders: Passed to ``fit``.
@@ -124,15 +135,26 @@ def fit_rounds(
         results = fit_rounds(model, prune, datamodule=dm, dense_epochs=10, trainer_kwargs={"accelerator": "cpu"})
         print(results[-1].compression)
     """
-    kwargs = dict(trainer_kwargs or {})
-    for key in ("max_epochs", "min_epochs", "max_steps"):
-        if kwargs.get(key) not in (None, -1):
-            raise ValueError(f"fit_rounds sets the length of each phase (dense_epochs, rounds' epochs); drop `{key}`.")
-        kwargs.pop(key, None)
     if isinstance(dense_epochs, bool) or not isinstance(dense_epochs, int) or dense_epochs < 0:
         raise ValueError(f"`dense_epochs` must be an integer >= 0, got {dense_epochs!r}.")
-    shared = list(kwargs.pop("callbacks", None) or [])
-    callback = _find_callback(shared, callback)
+    if trainer_factory is not None:
+        if trainer_kwargs is not None or callback is None:
+            raise ValueError("With `trainer_factory`, pass `callback` and no `trainer_kwargs`.")
+        make_trainer = trainer_factory
+    else:
+        kwargs = dict(trainer_kwargs or {})
+        for key in ("max_epochs", "min_epochs", "max_steps"):
+            if kwargs.get(key) not in (None, -1):
+                raise ValueError(
+                    f"fit_rounds sets the length of each phase (dense_epochs, rounds' epochs); drop `{key}`."
+                )
+            kwargs.pop(key, None)
+        shared = list(kwargs.pop("callbacks", None) or [])
+        callback = _find_callback(shared, callback)
+
+        def make_trainer(max_epochs: int, extra: list[Callback]) -> pl.Trainer:
+            return pl.Trainer(**kwargs, max_epochs=max_epochs, callbacks=[*shared, callback, *extra])
+
     missing = [i for i, r in enumerate(callback.rounds) if r.epochs is None]
     if missing:
         raise ValueError(f"rounds[{missing[0]}] has no `epochs`; each round run as its own fit needs them.")
@@ -156,8 +178,10 @@ def fit_rounds(
             results.append(PhaseResult(name, epochs, end, 0, 0, skipped=True))
             continue
         last = directory / name / "last.ckpt"
-        saver = ModelCheckpoint(dirpath=directory / name, save_last=True, save_top_k=0)
-        trainer = pl.Trainer(**kwargs, max_epochs=epochs, callbacks=[*shared, callback, saver])
+        saver = PhaseCheckpoint(dirpath=directory / name, save_last=True, save_top_k=0)
+        trainer = make_trainer(epochs, [saver])
+        if callback not in trainer.callbacks:
+            raise ValueError("The trainer of a phase must hold the PruneRetrainCallback among its callbacks.")
         callback.fit_round(index)
         rank_zero_info(f"lightning-prune: {name} ({epochs} epochs)")
         fit_kwargs = {"datamodule": datamodule} if datamodule is not None else {}

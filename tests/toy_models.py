@@ -121,3 +121,17 @@ def make_trainer(tmp_path, callbacks, max_epochs: int = 4, **kwargs) -> pl.Train
         num_sanity_val_steps=0,
         **kwargs,
     )
+
+
+class ToyData(pl.LightningDataModule):
+    """``toy_loader`` data as a datamodule (train and validation), for CLI tests."""
+
+    def __init__(self, n: int = 64, batch_size: int = 16):
+        super().__init__()
+        self.n, self.batch_size = n, batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return toy_loader(n=self.n, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return toy_loader(n=32, batch_size=self.batch_size, seed=1)

@@ -1,0 +1,81 @@
+"""``PruneTrainer``: a ``Trainer`` that can also run prune-retrain rounds, each as its own fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from lightning_prune.callback import PruneRetrainCallback
+from lightning_prune.rounds import PhaseResult, fit_rounds
+
+
+class PruneTrainer(pl.Trainer):
+    """A :class:`~lightning.pytorch.Trainer` with a :meth:`rounds` method, for ``lightning-prune rounds``.
+
+    It takes exactly the ``Trainer``'s arguments and remembers them, so that :meth:`rounds` can build
+    one trainer like it per phase (with that phase's ``max_epochs``).
+
+    Example::
+
+        trainer = PruneTrainer(accelerator="cpu", callbacks=[PruneRetrainCallback(rounds=[...])])
+        trainer.rounds(model, datamodule=dm, dense_epochs=10)
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.init_kwargs = dict(kwargs)
+        super().__init__(**kwargs)
+
+    def rounds(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        dense_epochs: int = 0,
+        checkpoint_dir: str = "prune_rounds",
+        resume: bool = True,
+    ) -> list[PhaseResult]:
+        """Train dense for ``dense_epochs``, then run each prune-retrain round as its own fit.
+
+        Args:
+            model: The LightningModule.
+            datamodule: Passed to each ``fit``.
+            train_dataloaders: Passed to each ``fit``.
+            val_dataloaders: Passed to each ``fit``.
+            dense_epochs: Dense epochs before the first round (0: the model comes trained).
+            checkpoint_dir: Where phase checkpoints go (``dense.ckpt``, ``round-1.ckpt``, ...).
+            resume: Continue from the checkpoints in ``checkpoint_dir`` (``False``: start over).
+
+        Returns:
+            One :class:`~lightning_prune.rounds.PhaseResult` per phase.
+
+        Raises:
+            ValueError: If the trainer's callbacks hold no (or several) ``PruneRetrainCallback``.
+        """
+        found = [c for c in self.callbacks if isinstance(c, PruneRetrainCallback)]
+        if len(found) != 1:
+            raise ValueError(
+                f"`rounds` needs exactly one PruneRetrainCallback in the trainer's callbacks, found {len(found)}. "
+                f"Add one under `trainer.callbacks` (class_path: lightning_prune.PruneRetrainCallback)."
+            )
+        return fit_rounds(
+            model,
+            found[0],
+            trainer_factory=self._phase_trainer,
+            datamodule=datamodule,
+            train_dataloaders=train_dataloaders,
+            val_dataloaders=val_dataloaders,
+            dense_epochs=dense_epochs,
+            checkpoint_dir=Path(checkpoint_dir),
+            resume=resume,
+        )
+
+    def _phase_trainer(self, max_epochs: int, extra: list[Callback]) -> PruneTrainer:
+        callbacks = self.init_kwargs.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        kwargs = {**self.init_kwargs, "max_epochs": max_epochs, "callbacks": [*callbacks, *extra]}
+        kwargs.pop("max_steps", None)
+        return type(self)(**kwargs)
