@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 
 from lightning_prune.core.dropout import DropoutAdjuster, ForwardTrace, layer_counts, weight_layers
 from lightning_prune.core.freezing import Freezer, trainable_parameters
+from lightning_prune.core.guard import AccuracyGuard, AccuracyGuardAction, AccuracyGuardMode, gentler
 from lightning_prune.core.learning_rate import scale_learning_rate
 from lightning_prune.core.pruner import Criterion, MagnitudePruner, StdOf
 from lightning_prune.core.regularization import (
@@ -108,6 +109,19 @@ class PruneRetrainCallback(Callback):
             ``None``: everything trains.
         freeze_bn_stats: Put BatchNorm modules of the frozen part in eval mode (running statistics frozen).
         rounds: List of round dicts (see above); ``None``: one round per prune epoch, all defaults.
+        guard_monitor: Metric guarding iterative pruning (e.g. ``"val_acc"``); ``None``: no guard. After
+            each round's retraining the metric is compared with its dense value (taken at the first
+            prune); a round that loses more than the tolerance is rolled back to the previous round's
+            masks and weights, then the schedule stops or the round is retried gentler.
+        guard_mode: ``"max"`` if higher is better, ``"min"`` if lower is.
+        guard_tolerance: Largest allowed worsening from the dense value, ``>= 0``.
+        guard_relative: Whether ``guard_tolerance`` is a share of the dense value.
+        guard_action: ``"stop"`` the schedule after a rollback, or ``"retry"`` the round with its
+            quality (or amount) times ``guard_retry_scale``. Within one fit a retry takes the next
+            round's epochs (that round is dropped); under :func:`lightning_prune.fit_rounds` it is
+            one more fit of the same round.
+        guard_retries: How many times one round may be retried before the schedule stops.
+        guard_retry_scale: Factor in ``(0, 1)`` on quality (or amount) at each retry.
         verbose: Print the per-layer table at each prune and a summary at each round's end (rank zero).
 
     Example::
@@ -145,6 +159,13 @@ class PruneRetrainCallback(Callback):
         train_only: list[str] | None = None,
         freeze_bn_stats: bool = True,
         rounds: list[dict[str, Any]] | None = None,
+        guard_monitor: str | None = None,
+        guard_mode: AccuracyGuardMode = "max",
+        guard_tolerance: float = 0.0,
+        guard_relative: bool = False,
+        guard_action: AccuracyGuardAction = "stop",
+        guard_retries: int = 1,
+        guard_retry_scale: float = 0.8,
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -190,6 +211,24 @@ class PruneRetrainCallback(Callback):
         self.weight_decay = weight_decay
         self.freeze_bn_stats = freeze_bn_stats
         self.verbose = verbose
+        self.guard = (
+            AccuracyGuard(
+                guard_monitor,
+                mode=guard_mode,
+                tolerance=guard_tolerance,
+                relative=guard_relative,
+                action=guard_action,
+                retries=guard_retries,
+                retry_scale=guard_retry_scale,
+            )
+            if guard_monitor is not None
+            else None
+        )
+        self.decisions: list[dict[str, Any]] = []
+        self.skipped_rounds: list[int] = []
+        self.stopped = False
+        self.round_scales: dict[int, float] = {}
+        self._snapshot: dict[str, Any] | None = None
 
         self.pruner: MagnitudePruner | None = None
         self.dropout: DropoutAdjuster | None = None
@@ -218,10 +257,14 @@ class PruneRetrainCallback(Callback):
         In a fit that runs one round (:meth:`fit_round`), that round is in force from the fit's start.
         """
         if self._fit_plan and 0 in self._fit_plan:
-            return self.rounds[self._fit_plan[0][-1]]
-        return self.rounds[self.done_rounds[-1]] if self.done_rounds else None
+            return self.round(self._fit_plan[0][-1])
+        return self.round(self.done_rounds[-1]) if self.done_rounds else None
 
-    def fit_round(self, index: int | None) -> None:
+    def round(self, index: int) -> Round:
+        """Round ``index`` as it runs: gentler than configured if the guard retried it."""
+        return gentler(self.rounds[index], self.round_scales.get(index, 1.0))
+
+    def fit_round(self, index: int | None, scale: float = 1.0) -> None:
         """Make the next ``fit`` run round ``index`` from its first epoch (``None``: a dense fit, no prune).
 
         Used by :func:`lightning_prune.fit_rounds`, which runs each round as its own ``Trainer.fit``;
@@ -230,6 +273,8 @@ class PruneRetrainCallback(Callback):
         if index is not None and not 0 <= index < len(self.rounds):
             raise ValueError(f"Round index {index} is out of range: there are {len(self.rounds)} rounds.")
         self._fit_plan = {} if index is None else {0: [index]}
+        if index is not None:
+            self.round_scales[index] = scale
 
     # ------------------------------------------------------------------ setup and validation
     def bind(self, model: pl.LightningModule) -> None:
@@ -371,14 +416,21 @@ class PruneRetrainCallback(Callback):
         assert self.pruner is not None
         epoch = trainer.current_epoch
         due = [k for start, ks in self._schedule(trainer).items() if start <= epoch for k in ks]
-        due = [k for k in due if k not in self.done_rounds]
+        due = [k for k in due if k not in self.done_rounds and k not in self.skipped_rounds and not self.stopped]
+        if due and self.done_rounds and self.verbose and epoch > 0:
+            self._summarize_round(trainer)
+        if due and self.guard is not None and self._fit_plan is None:
+            if self.done_rounds:
+                due = self._apply_guard(trainer, pl_module, due)
+            elif self.guard.baseline is None:
+                self.guard.baseline = self.guard.value(trainer.callback_metrics)
         for k in due:
-            start = next(s for s, ks in self._schedule(trainer).items() if k in ks)
-            if start < epoch:
+            start = next((s for s, ks in self._schedule(trainer).items() if k in ks), epoch)
+            if start < epoch and k not in self.round_scales:
                 rank_zero_warn(f"Round {k} was due at epoch {start}; it runs late, at the start of epoch {epoch}.")
-            if self.done_rounds and self.verbose and epoch > 0:
-                self._summarize_round(trainer)
-            stats = self.pruner.prune(**self.rounds[k].prune_kwargs())
+            if self.guard is not None and self._fit_plan is None:
+                self._snapshot = self._take_snapshot(pl_module)
+            stats = self.pruner.prune(**self.round(k).prune_kwargs())
             if trainer.world_size > 1:
                 # Decided once: every rank takes rank zero's masks and statistics.
                 state = trainer.strategy.broadcast(self.pruner.state_dict(), src=0)
@@ -397,8 +449,48 @@ class PruneRetrainCallback(Callback):
             pl_module.log("prune/sparsity", self.pruner.sparsity(), on_epoch=True, sync_dist=True)
             pl_module.log("prune/round", float(len(self.done_rounds)), on_epoch=True, sync_dist=True)
 
+    def _apply_guard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, due: list[int]) -> list[int]:
+        """Judge the round in force; on failure roll it back and return what runs now instead of ``due``."""
+        assert self.guard is not None
+        failed = self.done_rounds[-1]
+        reason = self.guard.verdict(trainer.callback_metrics)
+        if reason is None:
+            self.record_decision("kept", failed, f"{self.guard.monitor} within tolerance")
+            return due
+        self._roll_back(trainer, pl_module)
+        tries = sum(1 for d in self.decisions if d["round"] == failed and d["decision"] == "rolled back")
+        if self.guard.action == "retry" and tries < self.guard.retries:
+            self.record_decision(
+                "rolled back", failed, reason + f"; retrying gentler in the epochs of round {due[0] + 1}"
+            )
+            self.skipped_rounds.append(due[0])
+            self.round_scales[failed] = self.round_scales.get(failed, 1.0) * self.guard.retry_scale
+            return [failed]
+        self.record_decision("rolled back", failed, reason + "; the schedule stops")
+        self.stopped = True
+        return []
+
+    def record_decision(self, decision: str, k: int, reason: str) -> None:
+        """Record and print a guard decision on round ``k`` (``"kept"`` or ``"rolled back"``)."""
+        self.decisions.append({"round": k, "decision": decision, "reason": reason})
+        rank_zero_info(f"lightning-prune guard: round {k + 1} {decision}: {reason}.")
+
+    def _take_snapshot(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+        return {"model": weights, "callback": self._own_state(snapshot=False)}
+
+    def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self._snapshot is not None and self.pruner is not None
+        pl_module.load_state_dict(self._snapshot["model"])
+        state = self._snapshot["callback"]
+        self.pruner.load_state_dict(state["pruner"])
+        self.done_rounds = list(state["done_rounds"])
+        if self.dropout is not None and state.get("dropout"):
+            self.dropout.load_state_dict(state["dropout"])
+        self._enter_phase(trainer, pl_module)
+
     def _describe_prune(self, k: int, epoch: int, stats: list[Any]) -> str:
-        round_ = self.rounds[k]
+        round_ = self.round(k)
         where = f"round {k + 1}/{len(self.rounds)}, start of epoch {epoch}"
         lines = [format_table(stats, title=f"lightning-prune: pruned ({where})")]
         retrain = [f"lr x{round_.lr_scale:g}"]
@@ -483,9 +575,19 @@ class PruneRetrainCallback(Callback):
         return cached
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Summarize the last round."""
+        """Summarize the last round; with a guard, judge it (and roll it back if it failed)."""
         if self.done_rounds and self.verbose:
             self._summarize_round(trainer)
+        judged = {d["round"] for d in self.decisions if d["decision"] == "kept"}
+        last = self.done_rounds[-1] if self.done_rounds else None
+        if self.guard is not None and self._fit_plan is None and last is not None and last not in judged:
+            reason = self.guard.verdict(trainer.callback_metrics)
+            if reason is None:
+                self.record_decision("kept", last, f"{self.guard.monitor} within tolerance")
+            else:
+                self._roll_back(trainer, pl_module)
+                self.record_decision("rolled back", last, reason + "; no epochs left to retry")
+                self.stopped = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Unhook the optimizers and thaw frozen layers, so the model is the user's own again after fit."""
@@ -503,7 +605,11 @@ class PruneRetrainCallback(Callback):
         """Masks, threshold statistics, round position, dropout rates: tensors and plain values only."""
         if self.pruner is None:
             return dict(self._pending_state or {})
-        return {
+        return self._own_state(snapshot=True)
+
+    def _own_state(self, snapshot: bool) -> dict[str, Any]:
+        assert self.pruner is not None
+        state = {
             "version": _STATE_VERSION,
             "pruner": self.pruner.state_dict(),
             "done_rounds": list(self.done_rounds),
@@ -511,7 +617,15 @@ class PruneRetrainCallback(Callback):
             "original_weight_decay": [list(g) for g in self._original_weight_decay],
             "dropout": self.dropout.state_dict() if self.dropout is not None else None,
             "traced": self._traced,
+            "guard_baseline": self.guard.baseline if self.guard is not None else None,
+            "decisions": [dict(d) for d in self.decisions],
+            "skipped_rounds": list(self.skipped_rounds),
+            "stopped": self.stopped,
+            "round_scales": {str(k): v for k, v in self.round_scales.items()},
         }
+        if snapshot and self._snapshot is not None:
+            state["snapshot"] = self._snapshot
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the checkpointed state until training starts, when the model is on its device."""
@@ -542,3 +656,10 @@ class PruneRetrainCallback(Callback):
         if self.dropout is not None and state.get("dropout"):
             self.dropout.load_state_dict(state["dropout"])
             self._traced = bool(state.get("traced", False))
+        if self.guard is not None and state.get("guard_baseline") is not None:
+            self.guard.baseline = float(state["guard_baseline"])
+        self.decisions = [dict(d) for d in state.get("decisions", [])]
+        self.skipped_rounds = [int(k) for k in state.get("skipped_rounds", [])]
+        self.stopped = bool(state.get("stopped", False))
+        self.round_scales = {int(k): float(v) for k, v in state.get("round_scales", {}).items()}
+        self._snapshot = state.get("snapshot")

@@ -12,6 +12,8 @@ counter intact.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,7 +39,8 @@ class PhaseResult:
         remaining: Connections alive in the selected layers.
         total: Connections of the selected layers when dense.
         metrics: Scalar ``trainer.callback_metrics`` at its end (empty if the phase was skipped on resume).
-        skipped: Whether it had finished before and was skipped on resume.
+        skipped: Whether it had finished before and was skipped on resume (or after the guard stopped).
+        rejected: Whether the accuracy guard rolled it back (``remaining`` is then after the rollback).
     """
 
     name: str
@@ -47,6 +50,7 @@ class PhaseResult:
     total: int
     metrics: dict[str, float] = field(default_factory=dict)
     skipped: bool = False
+    rejected: bool = False
 
     @property
     def compression(self) -> float:
@@ -83,6 +87,59 @@ def _load_phase(path: Path, model: pl.LightningModule, callback: PruneRetrainCal
     if state is None:
         raise ValueError(f"{path} holds no state of {callback.state_key}; was it written by fit_rounds?")
     callback.restore(model, state)
+
+
+def _validate(
+    make_trainer: Callable[[int, list[Callback]], pl.Trainer], model: pl.LightningModule, fit_kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """The metrics of one validation run: the guard's dense baseline when no dense phase ran here."""
+    trainer = make_trainer(1, [])
+    kwargs = {"datamodule": fit_kwargs["datamodule"]} if "datamodule" in fit_kwargs else {}
+    if "val_dataloaders" in fit_kwargs:
+        kwargs["dataloaders"] = fit_kwargs["val_dataloaders"]
+    trainer.validate(model, verbose=False, **kwargs)
+    return dict(trainer.callback_metrics)
+
+
+def _run_phase(
+    make_trainer: Callable[[int, list[Callback]], pl.Trainer],
+    model: pl.LightningModule,
+    callback: PruneRetrainCallback,
+    directory: Path,
+    name: str,
+    index: int | None,
+    epochs: int,
+    resume: bool,
+    fit_kwargs: dict[str, Any],
+) -> tuple[pl.Trainer, dict[str, float]]:
+    last = directory / name / "last.ckpt"
+    saver = PhaseCheckpoint(dirpath=directory / name, save_last=True, save_top_k=0)
+    trainer = make_trainer(epochs, [saver])
+    if callback not in trainer.callbacks:
+        raise ValueError("The trainer of a phase must hold the PruneRetrainCallback among its callbacks.")
+    callback.fit_round(index, callback.round_scales.get(index, 1.0) if index is not None else 1.0)
+    rank_zero_info(f"lightning-prune: {name} ({epochs} epochs)")
+    trainer.fit(model, ckpt_path=last if resume and last.exists() else None, **fit_kwargs)
+    trainer.strategy.barrier("fit_rounds")
+    if callback.pruner is None or callback.pruner.model is not model:
+        # The fit ran in spawned processes (ddp_spawn): take its outcome from the phase's checkpoint.
+        _load_phase(last, model, callback)
+    return trainer, {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+def _roll_back(model: pl.LightningModule, callback: PruneRetrainCallback, snapshot: tuple[dict, dict]) -> None:
+    decisions, scales = list(callback.decisions), dict(callback.round_scales)
+    model.load_state_dict(snapshot[0])
+    callback.restore(model, snapshot[1])
+    callback.decisions, callback.round_scales = decisions, scales
+
+
+def _result(
+    name: str, epochs: int, end: Path, callback: PruneRetrainCallback, metrics: dict[str, float]
+) -> PhaseResult:
+    assert callback.pruner is not None
+    stats = callback.pruner.stats()
+    return PhaseResult(name, epochs, end, sum(s.remaining for s in stats), sum(s.weights for s in stats), metrics)
 
 
 def fit_rounds(
@@ -170,6 +227,17 @@ def fit_rounds(
         if finished >= 0:
             _load_phase(directory / f"{phases[finished][0]}.ckpt", model, callback)
 
+    fit_kwargs: dict[str, Any] = {"datamodule": datamodule} if datamodule is not None else {}
+    if train_dataloaders is not None:
+        fit_kwargs["train_dataloaders"] = train_dataloaders
+    if val_dataloaders is not None:
+        fit_kwargs["val_dataloaders"] = val_dataloaders
+    guard = callback.guard
+    stopped_file = directory / "stopped.txt"
+    if not resume:
+        stopped_file.unlink(missing_ok=True)
+    halted = stopped_file.exists()
+    callback.stopped = callback.stopped or halted
     results: list[PhaseResult] = []
     for i, (name, index, epochs) in enumerate(phases):
         end = directory / f"{name}.ckpt"
@@ -177,31 +245,50 @@ def fit_rounds(
             rank_zero_info(f"lightning-prune: {name} finished before ({end}); skipped.")
             results.append(PhaseResult(name, epochs, end, 0, 0, skipped=True))
             continue
-        last = directory / name / "last.ckpt"
-        saver = PhaseCheckpoint(dirpath=directory / name, save_last=True, save_top_k=0)
-        trainer = make_trainer(epochs, [saver])
-        if callback not in trainer.callbacks:
-            raise ValueError("The trainer of a phase must hold the PruneRetrainCallback among its callbacks.")
-        callback.fit_round(index)
-        rank_zero_info(f"lightning-prune: {name} ({epochs} epochs)")
-        fit_kwargs = {"datamodule": datamodule} if datamodule is not None else {}
-        if train_dataloaders is not None:
-            fit_kwargs["train_dataloaders"] = train_dataloaders
-        if val_dataloaders is not None:
-            fit_kwargs["val_dataloaders"] = val_dataloaders
-        trainer.fit(model, ckpt_path=last if resume and last.exists() else None, **fit_kwargs)
-        if trainer.is_global_zero:
-            shutil.copyfile(last, end)
-        trainer.strategy.barrier("fit_rounds")
-        if callback.pruner is None or callback.pruner.model is not model:
-            # The fit ran in spawned processes (ddp_spawn): take its outcome from the phase's checkpoint.
-            _load_phase(end, model, callback)
-        assert callback.pruner is not None
-        stats = callback.pruner.stats()
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        results.append(
-            PhaseResult(name, epochs, end, sum(s.remaining for s in stats), sum(s.weights for s in stats), metrics)
-        )
+        if halted:
+            rank_zero_info(f"lightning-prune: {name} skipped: {stopped_file.read_text().strip()}")
+            results.append(PhaseResult(name, epochs, end, 0, 0, skipped=True))
+            continue
+        snapshot = None
+        if guard is not None and index is not None:
+            if guard.baseline is None:
+                guard.baseline = guard.value(_validate(make_trainer, model, fit_kwargs))
+            callback.bind(model)
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            snapshot = (weights, copy.deepcopy(callback.state_dict()))
+        while True:
+            trainer, metrics = _run_phase(
+                make_trainer, model, callback, directory, name, index, epochs, resume, fit_kwargs
+            )
+            if guard is not None and index is None:
+                guard.baseline = guard.value(metrics)
+            reason = guard.verdict(metrics) if guard is not None and index is not None else None
+            if reason is None:
+                if snapshot is not None and index is not None:
+                    callback.record_decision("kept", index, f"{guard.monitor} within tolerance")
+                if trainer.is_global_zero:
+                    shutil.copyfile(directory / name / "last.ckpt", end)
+                trainer.strategy.barrier("fit_rounds")
+                results.append(_result(name, epochs, end, callback, metrics))
+                break
+            assert snapshot is not None and index is not None and guard is not None
+            _roll_back(model, callback, snapshot)
+            if trainer.is_global_zero:
+                shutil.rmtree(directory / name, ignore_errors=True)
+            tries = sum(1 for d in callback.decisions if d["round"] == index and d["decision"] == "rolled back")
+            if guard.action == "retry" and tries < guard.retries:
+                callback.record_decision("rolled back", index, reason + "; retrying it gentler")
+                callback.round_scales[index] = callback.round_scales.get(index, 1.0) * guard.retry_scale
+                trainer.strategy.barrier("fit_rounds")
+                continue
+            callback.record_decision("rolled back", index, reason + "; the schedule stops")
+            callback.stopped = True
+            if trainer.is_global_zero:
+                stopped_file.write_text(f"the accuracy guard stopped the schedule at {name}: {reason}\n")
+            trainer.strategy.barrier("fit_rounds")
+            results.append(dataclasses.replace(_result(name, epochs, end, callback, metrics), rejected=True))
+            halted = True
+            break
     for result in results:
         if result.skipped:
             continue
