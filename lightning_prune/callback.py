@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
@@ -30,6 +31,7 @@ from lightning_prune.core.regularization import (
 )
 from lightning_prune.core.report import format_table
 from lightning_prune.core.schedule import Round, build_rounds, check_number, check_round, start_epochs
+from lightning_prune.core.structure import StructureReport, remove_dead_units
 
 _STATE_VERSION = 2
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
@@ -122,6 +124,10 @@ class PruneRetrainCallback(Callback):
             one more fit of the same round.
         guard_retries: How many times one round may be retried before the schedule stops.
         guard_retry_scale: Factor in ``(0, 1)`` on quality (or amount) at each retry.
+        shrink_at_end: At the end of each fit, remove dead units (neurons / channels whose inputs or
+            outputs are all pruned) from the model in place, with exactly the same outputs; the masks
+            are restricted to the kept units. Needs ``example_input_array`` on the LightningModule.
+            Save the result with :func:`lightning_prune.core.save_shrunk`.
         verbose: Print the per-layer table at each prune and a summary at each round's end (rank zero).
 
     Example::
@@ -166,6 +172,7 @@ class PruneRetrainCallback(Callback):
         guard_action: AccuracyGuardAction = "stop",
         guard_retries: int = 1,
         guard_retry_scale: float = 0.8,
+        shrink_at_end: bool = False,
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -211,6 +218,8 @@ class PruneRetrainCallback(Callback):
         self.weight_decay = weight_decay
         self.freeze_bn_stats = freeze_bn_stats
         self.verbose = verbose
+        self.shrink_at_end = shrink_at_end
+        self.structure_report: StructureReport | None = None
         self.guard = (
             AccuracyGuard(
                 guard_monitor,
@@ -308,6 +317,11 @@ class PruneRetrainCallback(Callback):
             except ValueError as err:
                 raise ValueError(f"rounds[{index}]: {err}") from err
         self._check_strategy(trainer)
+        if self.shrink_at_end and pl_module.example_input_array is None:
+            raise ValueError(
+                "`shrink_at_end=True` needs `example_input_array` on the LightningModule (a batch its forward takes), "
+                "to trace the dataflow between layers and to check that outputs stay the same."
+            )
         round_ = self.active_round
         if self._fit_plan and round_ is not None and round_.train_only is not None:
             # Freeze before the strategy wraps the model, so DDP only registers what trains.
@@ -588,6 +602,23 @@ class PruneRetrainCallback(Callback):
                 self._roll_back(trainer, pl_module)
                 self.record_decision("rolled back", last, reason + "; no epochs left to retry")
                 self.stopped = True
+        if self.shrink_at_end and self.pruner is not None and self.pruner.masks:
+            self._shrink(pl_module)
+
+    def _shrink(self, pl_module: pl.LightningModule) -> None:
+        assert self.pruner is not None
+        example = move_data_to_device(pl_module.example_input_array, pl_module.device)
+        report = remove_dead_units(pl_module, example, masks=self.pruner.masks)
+        if report.masks is not None:
+            self.pruner.masks = dict(report.masks)
+        self.pruner.refresh()
+        self._selected_cache.clear()
+        self.structure_report = report
+        removed = ", ".join(f"{name} -{n}" for name, n in report.removed_units.items()) or "none"
+        rank_zero_info(
+            f"lightning-prune: removed dead units ({removed}); parameters {report.parameters_before} -> "
+            f"{report.parameters_after}\n{report}"
+        )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Unhook the optimizers and thaw frozen layers, so the model is the user's own again after fit."""

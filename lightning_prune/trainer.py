@@ -6,9 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_prune.callback import PruneRetrainCallback
+from lightning_prune.core.export import SparseSizeReport, export_sparse
+from lightning_prune.core.selection import select_parameters
+from lightning_prune.core.structure import remove_dead_units, save_shrunk
 from lightning_prune.rounds import PhaseResult, fit_rounds
 
 
@@ -72,6 +77,53 @@ class PruneTrainer(pl.Trainer):
             checkpoint_dir=Path(checkpoint_dir),
             resume=resume,
         )
+
+    def export(
+        self,
+        model: pl.LightningModule,
+        checkpoint: str,
+        output: str = "model.sparse.safetensors",
+        shrink: bool = False,
+        shrunk_output: str | None = None,
+        datamodule: pl.LightningDataModule | None = None,
+    ) -> SparseSizeReport:
+        """Export a pruned checkpoint compactly: surviving values and their positions, in safetensors.
+
+        Args:
+            model: The LightningModule the checkpoint belongs to.
+            checkpoint: A checkpoint written while ``PruneRetrainCallback`` ran (its masks are read from
+                the callback's state; without one, the zeros of every Linear/Conv weight are the masks).
+            output: The compact file to write.
+            shrink: First remove dead units (needs ``example_input_array`` on the module).
+            shrunk_output: With ``shrink``, also save the shrunk dense model there (``save_shrunk``).
+            datamodule: Unused; accepted so ``export`` takes the same config as ``fit``.
+
+        Returns:
+            The file's size report (bytes vs dense fp32 and vs the surviving values).
+        """
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        masks = next(
+            (
+                state["pruner"]["masks"]
+                for key, state in saved.get("callbacks", {}).items()
+                if key.startswith("PruneRetrainCallback") and state.get("pruner", {}).get("masks")
+            ),
+            None,
+        )
+        if masks is None:
+            masks = {name: model.get_parameter(name) != 0 for name in select_parameters(model)}
+        if shrink:
+            if model.example_input_array is None:
+                raise ValueError("`shrink` needs `example_input_array` on the LightningModule.")
+            report = remove_dead_units(model, model.example_input_array, masks=masks)
+            masks = report.masks or masks
+            rank_zero_info(f"lightning-prune: removed dead units\n{report}")
+            if shrunk_output is not None:
+                save_shrunk(model, shrunk_output)
+        size = export_sparse(model, masks, output)
+        rank_zero_info(f"lightning-prune: wrote {output}\n{size}")
+        return size
 
     def _phase_trainer(self, max_epochs: int, extra: list[Callback]) -> PruneTrainer:
         callbacks = self.init_kwargs.get("callbacks") or []

@@ -135,3 +135,22 @@ class ToyData(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return toy_loader(n=32, batch_size=self.batch_size, seed=1)
+
+
+class RandomImages(pl.LightningDataModule):
+    """MNIST-shaped random images with labels from a fixed rule, for the zoo's LeNets in fast tests."""
+
+    def __init__(self, n: int = 256, batch_size: int = 64):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 1, 28, 28, generator=gen)
+        self.y = (self.x[:, 0, 10:18, 10:18].mean(dim=(1, 2)) > 0).long() + 2 * (
+            self.x[:, 0, :4, :4].mean(dim=(1, 2)) > 0
+        )
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x[:64], self.y[:64]), batch_size=self.batch_size)

@@ -4,24 +4,52 @@ Nothing here imports Lightning; it works on any ``nn.Module`` and ``torch.optim.
 """
 
 from lightning_prune.core.criteria import fraction_mask, global_masks, std_mask, surviving_std
+from lightning_prune.core.export import (
+    SparseFormatError,
+    export_sparse,
+    load_sparse,
+    load_sparse_into,
+    sparse_size_report,
+    to_sparse_linear,
+)
 from lightning_prune.core.masks import mask_gradients, mask_weights, zero_optimizer_state
 from lightning_prune.core.pruner import MagnitudePruner, PruningError
 from lightning_prune.core.report import LayerStats, format_table
 from lightning_prune.core.selection import resolve_per_layer, select_layers, select_parameters
+from lightning_prune.core.structure import (
+    find_dead_units,
+    load_shrunk,
+    remove_dead_units,
+    resize_to,
+    save_shrunk,
+    shapes,
+)
 
 __all__ = [
     "LayerStats",
     "MagnitudePruner",
     "PruningError",
+    "SparseFormatError",
+    "export_sparse",
+    "find_dead_units",
     "format_table",
     "fraction_mask",
     "global_masks",
+    "load_shrunk",
+    "load_sparse",
+    "load_sparse_into",
     "mask_gradients",
     "mask_weights",
+    "remove_dead_units",
+    "resize_to",
     "resolve_per_layer",
+    "save_shrunk",
     "select_layers",
     "select_parameters",
+    "shapes",
+    "sparse_size_report",
     "std_mask",
     "surviving_std",
+    "to_sparse_linear",
     "zero_optimizer_state",
 ]

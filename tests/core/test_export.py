@@ -1,0 +1,461 @@
+import json
+import os
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from torch import nn
+
+from lightning_prune.core.export import (
+    SparseFormatError,
+    SparseLinear,
+    _candidates,
+    _decode_positions,
+    export_sparse,
+    load_sparse,
+    load_sparse_into,
+    position_sizes,
+    sparse_size_report,
+    to_sparse_linear,
+)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Raw bit pattern, so -0.0/+0.0 and NaN payloads count."""
+    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.detach().contiguous().view(view)
+
+
+def _masked(w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return torch.where(keep, w, torch.zeros((), dtype=w.dtype))
+
+
+def _topk_mask(w: torch.Tensor, density: float) -> torch.Tensor:
+    k = round(density * w.numel())
+    threshold = w.abs().flatten().kthvalue(w.numel() - k).values
+    return w.abs() > threshold
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 5)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc1 = nn.Linear(6 * 24 * 24, 50)
+        self.fc2 = nn.Linear(50, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.bn(self.conv(x))).flatten(1))))
+
+
+def _net_and_masks(seed: int = 0):
+    torch.manual_seed(seed)
+    net = Net()
+    with torch.no_grad():
+        net.bn.running_mean.normal_()
+        net.bn.num_batches_tracked.fill_(7)
+    masks = {
+        "conv.weight": torch.rand(6, 1, 5, 5, generator=_gen(seed)) < 0.66,
+        "fc1.weight": _topk_mask(net.fc1.weight.detach(), 0.08),
+        "fc2.weight": torch.rand(10, 50, generator=_gen(seed + 1)) < 0.2,
+        "fc2.bias": torch.rand(10, generator=_gen(seed + 2)) < 0.5,
+    }
+    return net, masks
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Round trip
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_round_trip_is_bit_identical(tmp_path, compress):
+    net, masks = _net_and_masks()
+    path = tmp_path / "net.safetensors"
+    # pruned weights left nonzero on purpose: the file holds the *masked* tensor
+    export_sparse(net, masks, path, compress_values=compress)
+    state, loaded_masks = load_sparse(path)
+    assert list(state) == list(net.state_dict())
+    assert set(loaded_masks) == set(masks)
+    for name, value in net.state_dict().items():
+        want = _masked(value, masks[name]) if name in masks else value
+        assert state[name].dtype == want.dtype
+        assert torch.equal(state[name], want), name
+        assert torch.equal(_bits(state[name]), _bits(want)), name
+    for name, keep in masks.items():
+        assert torch.equal(loaded_masks[name], keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_round_trip_other_dtypes(tmp_path, dtype):
+    w = torch.randn(40, 70, generator=_gen(3)).to(dtype)
+    keep = torch.rand(40, 70, generator=_gen(4)) < 0.1
+    path = tmp_path / "w.safetensors"
+    export_sparse({"w": w, "b": torch.arange(5)}, {"w": keep}, path)
+    state, _ = load_sparse(path)
+    assert state["w"].dtype == dtype
+    assert torch.equal(_bits(state["w"]), _bits(_masked(w, keep)))
+    assert torch.equal(state["b"], torch.arange(5))
+
+
+def test_edge_masks_all_pruned_all_alive_and_empty(tmp_path):
+    tensors = {
+        "none": torch.randn(7, 9),
+        "all": torch.randn(300),
+        "empty": torch.randn(0, 4),
+        "one": torch.randn(5000),
+    }
+    one = torch.zeros(5000, dtype=torch.bool)
+    one[4999] = True  # one survivor after a gap of 5000
+    masks = {
+        "none": torch.zeros(7, 9, dtype=torch.bool),
+        "all": torch.ones(300, dtype=torch.bool),
+        "empty": torch.zeros(0, 4, dtype=torch.bool),
+        "one": one,
+    }
+    path = tmp_path / "edge.safetensors"
+    report = export_sparse(tensors, masks, path)
+    state, loaded = load_sparse(path)
+    for name, keep in masks.items():
+        assert torch.equal(state[name], _masked(tensors[name], keep)), name
+        assert torch.equal(loaded[name], keep), name
+    encodings = {t.name: t.encoding for t in report.tensors}
+    assert encodings["all"].startswith("full")
+    assert report.tensors[0].index_bytes == 0  # all pruned: no positions at all
+
+
+def test_load_into_model(tmp_path):
+    net, masks = _net_and_masks()
+    path = tmp_path / "net.safetensors"
+    export_sparse(net, masks, path)
+    fresh = Net()
+    loaded = load_sparse_into(fresh, path)
+    for name, value in net.state_dict().items():
+        want = _masked(value, masks[name]) if name in masks else value
+        assert torch.equal(fresh.state_dict()[name], want)
+    assert set(loaded) == set(masks)
+
+
+def test_shape_mismatch_names_parameter_and_shapes_and_loads_nothing(tmp_path):
+    net, masks = _net_and_masks()
+    path = tmp_path / "net.safetensors"
+    export_sparse(net, masks, path)
+    other = Net()
+    other.fc2 = nn.Linear(50, 12)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'fc2.weight' has shape \(12, 50\) in the model and \(10, 50\)"):
+        load_sparse_into(other, path)
+    for key, value in other.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    extra = Net()
+    extra.head = nn.Linear(10, 2)
+    with pytest.raises(ValueError, match=r"missing.*head\.weight"):
+        load_sparse_into(extra, path)
+
+
+def test_bad_masks_are_rejected(tmp_path):
+    w = {"w": torch.randn(3, 4)}
+    with pytest.raises(ValueError, match="'v'"):
+        export_sparse(w, {"v": torch.ones(3, 4, dtype=torch.bool)}, tmp_path / "x")
+    with pytest.raises(ValueError, match=r"'w' has shape \(4, 3\)"):
+        export_sparse(w, {"w": torch.ones(4, 3, dtype=torch.bool)}, tmp_path / "x")
+    with pytest.raises(ValueError, match="bool"):
+        export_sparse(w, {"w": torch.ones(3, 4)}, tmp_path / "x")
+
+
+def test_file_is_plain_safetensors_with_metadata(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load must not be used"))
+    net, masks = _net_and_masks()
+    path = tmp_path / "net.safetensors"
+    export_sparse(net, masks, path)
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+        keys = set(handle.keys())
+    assert meta["format"] == "lightning_prune.sparse" and meta["version"] == "1"
+    entries = json.loads(meta["entries"])
+    assert entries["fc1.weight"]["kind"] == "sparse" and entries["fc1.bias"]["kind"] == "dense"
+    assert entries["fc1.weight"]["shape"] == [50, 3456] and entries["fc1.weight"]["dtype"] == "float32"
+    assert {"fc1.weight::values", "fc1.weight::index", "fc1.bias"} <= keys
+    load_sparse(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Size
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_size_at_8_percent_random_mask(tmp_path):
+    w = torch.randn(300, 784, generator=_gen(0)) * 0.05
+    keep = torch.rand(300, 784, generator=_gen(1)) < 0.08
+    values_bytes = int(keep.sum()) * 4
+    report = export_sparse({"fc1.weight": w}, {"fc1.weight": keep}, tmp_path / "a.safetensors")
+    assert report.file_bytes == os.path.getsize(tmp_path / "a.safetensors")
+    assert report.values_bytes == values_bytes
+    assert report.file_bytes <= 1.16 * values_bytes, str(report)
+    # positions alone: Rice coding at the entropy bound of an i.i.d. 8% mask (15.7%), Han's figure 15.6%
+    assert report.tensors[0].encoding.startswith("rice(k=3)")
+    assert report.tensors[0].index_overhead < 0.16
+    raw = export_sparse({"fc1.weight": w}, {"fc1.weight": keep}, tmp_path / "b.safetensors", compress_values=False)
+    assert raw.tensors[0].encoding.endswith("raw")
+    assert raw.ratio < 1.17  # raw values: 1 + 15.8% positions + the header
+    print(f"\nuniform 8% mask, raw values: {raw.ratio:.4f}x; deflated value planes: {report.ratio:.4f}x")
+
+
+def test_size_of_magnitude_pruned_and_structured_masks(tmp_path):
+    gen = _gen(2)
+    # magnitude pruning of random weights: survivors share a few exponents, their top bytes deflate well
+    w = torch.randn(300, 784, generator=gen) * 0.05
+    keep = _topk_mask(w, 0.08)
+    uniform = export_sparse({"w": w}, {"w": keep}, tmp_path / "u.safetensors")
+    assert uniform.ratio < 1.0
+    # MNIST-like first layer: border pixels carry no signal, hidden units of uneven scale
+    ii, jj = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    importance = torch.exp(-((ii - 13.5) ** 2 + (jj - 13.5) ** 2) / 72).flatten()
+    w = torch.randn(300, 784, generator=gen) * importance * torch.exp(0.5 * torch.randn(300, 1, generator=gen))
+    keep = _topk_mask(w, 0.08)
+    real = export_sparse({"w": w}, {"w": keep}, tmp_path / "r.safetensors")
+    raw = export_sparse({"w": w}, {"w": keep}, tmp_path / "rr.safetensors", compress_values=False)
+    assert real.tensors[0].index_overhead < 0.15  # structure beats the i.i.d. bound
+    assert raw.ratio < 1.16 and real.ratio < 1.0
+    print(
+        f"\nmagnitude-pruned 8%: {uniform.ratio:.4f}x; MNIST-like 8%: {real.ratio:.4f}x "
+        f"(raw values {raw.ratio:.4f}x, positions {100 * real.tensors[0].index_overhead:.1f}%, "
+        f"{real.tensors[0].encoding})"
+    )
+
+
+def test_chosen_code_is_the_smallest(tmp_path):
+    for density in (0.01, 0.08, 0.3, 0.7, 0.97):
+        keep = torch.rand(120, 200, generator=_gen(int(density * 100))) < density
+        report = export_sparse({"w": torch.randn(120, 200)}, {"w": keep}, tmp_path / "s.safetensors")
+        assert report.tensors[0].index_bytes == min(position_sizes(keep).values())
+
+
+def test_size_report_text_and_totals(tmp_path):
+    net, masks = _net_and_masks()
+    path = tmp_path / "net.safetensors"
+    report = export_sparse(net, masks, path)
+    again = sparse_size_report(path)
+    assert again == report
+    dense = sum(v.numel() * v.element_size() for v in net.state_dict().values())
+    assert report.dense_bytes == dense
+    assert report.compression > 5
+    text = str(report)
+    assert "fc1.weight" in text and "smaller than dense" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Position codes (property-based)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def masks(draw):
+    numel = draw(st.integers(1, 4000))
+    kind = draw(st.sampled_from(["random", "far", "all", "none", "runs"]))
+    gen = _gen(draw(st.integers(0, 2**31 - 1)))
+    if kind == "all":
+        return torch.ones(numel, dtype=torch.bool)
+    if kind == "none":
+        return torch.zeros(numel, dtype=torch.bool)
+    if kind == "far":  # gaps longer than 255 and 15: fillers needed
+        keep = torch.zeros(numel, dtype=torch.bool)
+        keep[torch.randint(0, numel, (draw(st.integers(1, 4)),), generator=gen)] = True
+        return keep
+    if kind == "runs":
+        run = draw(st.integers(1, 600))
+        return (torch.arange(numel) // run) % 2 == 0
+    return torch.rand(numel, generator=gen) < draw(st.floats(0.0, 1.0))
+
+
+@settings(max_examples=150, deadline=None)
+@given(keep=masks())
+def test_every_position_code_round_trips(keep):
+    n, alive = keep.numel(), int(keep.sum())
+    for desc, blob in _candidates(keep):
+        decoded = _decode_positions(json.loads(json.dumps(desc)), blob, n, alive)
+        assert torch.equal(decoded, keep), desc
+
+
+@settings(max_examples=30, deadline=None)
+@given(keep=masks(), seed=st.integers(0, 1000))
+def test_file_round_trip_on_random_masks(tmp_path_factory, keep, seed):
+    w = torch.randn(keep.shape, generator=_gen(seed))
+    path = tmp_path_factory.mktemp("h") / "w.safetensors"
+    export_sparse({"w": w}, {"w": keep}, path)
+    state, loaded = load_sparse(path)
+    assert torch.equal(_bits(state["w"]), _bits(_masked(w, keep)))
+    assert torch.equal(loaded["w"], keep)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Corrupt files
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _exported(tmp_path):
+    net, masks = _net_and_masks()
+    path = tmp_path / "net.safetensors"
+    export_sparse(net, masks, path)
+    return path, path.read_bytes()
+
+
+def _header(data: bytes) -> tuple[int, dict]:
+    size = struct.unpack("<Q", data[:8])[0]
+    return size, json.loads(data[8 : 8 + size])
+
+
+def _rewrite_entries(data: bytes, edit) -> bytes:
+    """Edit the entries JSON inside the header, padding with spaces so the data offsets still hold."""
+    size, header = _header(data)
+    entries = json.loads(header["__metadata__"]["entries"])
+    edit(entries)
+    header["__metadata__"]["entries"] = json.dumps(entries, separators=(",", ":"))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= size, "edit must not grow the header"
+    return data[:8] + text + b" " * (size - len(text)) + data[8 + size :]
+
+
+@pytest.mark.parametrize("where", ["length", "header", "data-start", "data-middle", "last-byte"])
+def test_truncated_file_is_a_clear_error(tmp_path, where):
+    path, data = _exported(tmp_path)
+    size, _ = _header(data)
+    end = {
+        "length": 4,
+        "header": 8 + size // 2,
+        "data-start": 8 + size + 10,
+        "data-middle": (8 + size + len(data)) // 2,
+        "last-byte": len(data) - 1,
+    }[where]
+    path.write_bytes(data[:end])
+    with pytest.raises(SparseFormatError, match=r"net\.safetensors"):
+        load_sparse(path)
+    fresh = Net()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(SparseFormatError):
+        load_sparse_into(fresh, path)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda e: e["fc1.weight"].update(alive=e["fc1.weight"]["alive"] - 1), "'fc1.weight'"),
+        (lambda e: e["fc1.weight"]["positions"].update(code="rics"), "unknown position code 'rics'"),
+        (lambda e: e["fc1.weight"].update(shape=[50, 3455]), "'fc1.weight'"),
+        (lambda e: e["fc1.weight"].update(dtype="float16"), "'fc1.weight'"),
+        (lambda e: e["fc1.bias"].update(crc32=e["fc1.bias"]["crc32"] ^ 1), "CRC-32"),
+        (lambda e: e["conv.weight"].update(kind="weird"), "unknown kind 'weird'"),
+        (lambda e: e.pop("fc2.bias"), "not described by the metadata"),
+    ],
+)
+def test_flipped_metadata_is_a_clear_error(tmp_path, edit, message):
+    path, data = _exported(tmp_path)
+    path.write_bytes(_rewrite_entries(data, edit))
+    with pytest.raises(SparseFormatError, match=message) as info:
+        load_sparse(path)
+    assert "net.safetensors" in str(info.value)
+
+
+def test_broken_header_json_and_flipped_data_bytes(tmp_path):
+    path, data = _exported(tmp_path)
+    size, _ = _header(data)
+    broken = bytearray(data)
+    broken[8] = ord("[")
+    path.write_bytes(bytes(broken))
+    with pytest.raises(SparseFormatError, match="not a readable safetensors file"):
+        load_sparse(path)
+    flipped = bytearray(data)
+    flipped[8 + size + 100] ^= 0x10
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(SparseFormatError, match="CRC-32"):
+        load_sparse(path)
+    text = data[8 : 8 + size].replace(b'"version":"1"', b'"version":"9"')
+    path.write_bytes(data[:8] + text + data[8 + size :])
+    with pytest.raises(SparseFormatError, match="version '9'"):
+        load_sparse(path)
+
+
+def test_other_safetensors_file_is_rejected(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(SparseFormatError, match="format is None"):
+        load_sparse(tmp_path / "plain.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sparse inference
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_csr_linear_matches_dense():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10, bias=False))
+    masks = {
+        "0.weight": torch.rand(300, 784) < 0.08,
+        "2.weight": torch.rand(100, 300) < 0.09,
+        "4.weight": torch.rand(10, 100) < 0.26,
+    }
+    with torch.no_grad():
+        for name, keep in masks.items():
+            net.get_parameter(name).mul_(keep)
+    x = torch.randn(32, 784)
+    expected = net(x)
+    assert to_sparse_linear(net, masks) == ["0", "2", "4"]
+    assert isinstance(net[0], SparseLinear) and net[0].weight.layout == torch.sparse_csr
+    assert net[0].weight.values().numel() == int(masks["0.weight"].sum())
+    assert torch.allclose(net(x), expected, atol=1e-5)
+    assert net(x[None, :3]).shape == (1, 3, 10)  # leading dims kept
+
+
+def test_to_sparse_linear_by_density():
+    net = nn.Sequential(nn.Linear(20, 20), nn.Linear(20, 5))
+    with torch.no_grad():
+        net[0].weight[:, 5:] = 0
+    assert to_sparse_linear(net) == ["0"]
+    assert isinstance(net[1], nn.Linear)
+
+
+def test_shrunk_model_exports_sparse_and_loads_into_a_resized_fresh_model(tmp_path):
+    from lightning_prune.core.structure import remove_dead_units, resize_to, shapes
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)).eval()
+    masks = {f"{i}.weight": torch.rand(model[i].weight.shape) < d for i, d in ((0, 0.08), (2, 0.09), (4, 0.26))}
+    masks["0.weight"][:20] = False
+    with torch.no_grad():
+        for name, keep in masks.items():
+            model.get_parameter(name).mul_(keep)
+    x = torch.randn(16, 784)
+    report = remove_dead_units(model, x, masks)
+    expected = model(x)
+    path = tmp_path / "lenet300.safetensors"
+    size = export_sparse(model, report.masks, path)
+    fresh = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)).eval()
+    resize_to(fresh, shapes(model))
+    loaded = load_sparse_into(fresh, path)
+    assert torch.equal(fresh(x), expected)
+    assert all(torch.equal(loaded[k], report.masks[k]) for k in loaded)
+    assert size.compression > 10
+
+
+def test_tied_weights_are_stored_under_each_name(tmp_path):
+    net = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    net[1].weight = net[0].weight
+    keep = torch.rand(6, 6, generator=_gen(0)) < 0.5
+    path = tmp_path / "tied.safetensors"
+    export_sparse(net, {"1.bias": torch.ones(6, dtype=torch.bool)}, path)
+    state, _ = load_sparse(path)
+    assert torch.equal(state["0.weight"], state["1.weight"])
+    export_sparse(net, {"0.weight": keep, "1.weight": keep}, path)
+    state, masks = load_sparse(path)
+    assert torch.equal(state["1.weight"], _masked(net[0].weight.detach(), keep))
+    assert torch.equal(masks["0.weight"], keep)
