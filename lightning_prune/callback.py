@@ -31,7 +31,9 @@ from lightning_prune.core.regularization import (
 )
 from lightning_prune.core.report import format_table
 from lightning_prune.core.schedule import Round, build_rounds, check_number, check_round, start_epochs
+from lightning_prune.core.sensitivity import SensitivityResult, check_levels, load_quality
 from lightning_prune.core.structure import StructureReport, remove_dead_units
+from lightning_prune.sensitivity import analyze
 
 _STATE_VERSION = 2
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
@@ -83,8 +85,10 @@ class PruneRetrainCallback(Callback):
     Args:
         layers: Glob patterns over module names (``["features.*", "fc1"]``). ``None``: every
             Linear and Conv1d/2d/3d layer.
-        quality: Han's quality: a layer's threshold is ``quality * std(W)``. A number, or
-            ``{pattern: number}`` (exact names win, then the first matching pattern; ``"*"`` as default).
+        quality: Han's quality: a layer's threshold is ``quality * std(W)``. A number,
+            ``{pattern: number}`` (exact names win, then the first matching pattern; ``"*"`` as default),
+            or the path of a quality file written by the sensitivity analysis (``.yaml``/``.json``;
+            one holding ``criterion: fraction`` and ``amount`` sets those instead).
         prune_epochs: Epochs (0-based) at whose start rounds prune, strictly increasing. ``None``:
             from the rounds' ``epochs``, or one prune at ``max_epochs // 2`` when there are no rounds.
         criterion: ``"std"`` (Han's rule), ``"fraction"`` (the smallest ``amount`` of each layer) or
@@ -128,6 +132,12 @@ class PruneRetrainCallback(Callback):
             outputs are all pruned) from the model in place, with exactly the same outputs; the masks
             are restricted to the kept units. Needs ``example_input_array`` on the LightningModule.
             Save the result with :func:`lightning_prune.core.save_shrunk`.
+        sensitivity_tolerance: Run the sensitivity analysis (:func:`lightning_prune.sensitivity.analyze`)
+            on the validation data just before the first prune, and replace the default ``quality``
+            (or ``amount``) with the largest level per layer whose accuracy drop is within this
+            tolerance. Rounds giving their own ``quality``/``amount`` keep it. ``None``: off.
+        sensitivity_levels: Levels of that sweep (``None``: the defaults of the criterion).
+        sensitivity_relative: Whether ``sensitivity_tolerance`` is a share of the dense accuracy.
         verbose: Print the per-layer table at each prune and a summary at each round's end (rank zero).
 
     Example::
@@ -148,7 +158,7 @@ class PruneRetrainCallback(Callback):
     def __init__(
         self,
         layers: list[str] | None = None,
-        quality: float | dict[str, float] = 1.0,
+        quality: float | dict[str, float] | str = 1.0,
         prune_epochs: list[int] | None = None,
         criterion: Criterion = "std",
         amount: float | dict[str, float] | None = None,
@@ -173,9 +183,17 @@ class PruneRetrainCallback(Callback):
         guard_retries: int = 1,
         guard_retry_scale: float = 0.8,
         shrink_at_end: bool = False,
+        sensitivity_tolerance: float | None = None,
+        sensitivity_levels: list[float] | None = None,
+        sensitivity_relative: bool = False,
         verbose: bool = True,
     ) -> None:
         super().__init__()
+        if isinstance(quality, str):
+            loaded = load_quality(quality)
+            quality = loaded.get("quality", 1.0)
+            if "amount" in loaded:
+                criterion, amount = loaded.get("criterion", "fraction"), loaded["amount"]
         if layers is not None and (
             isinstance(layers, str) or not layers or not all(isinstance(p, str) and p for p in layers)
         ):
@@ -207,6 +225,7 @@ class PruneRetrainCallback(Callback):
         if criterion == "std" and amount is not None:
             raise ValueError("`amount` is for criterion='fraction' or 'global'; with criterion='std' use `quality`.")
         self.prune_epochs = _check_epochs(prune_epochs)
+        self._round_specs = [dict(r) for r in rounds] if isinstance(rounds, Sequence) else rounds
         self.rounds = build_rounds(rounds, len(self.prune_epochs or [0]), self.defaults)
         if self.prune_epochs is not None:
             start_epochs(self.rounds, self.prune_epochs, None)
@@ -218,6 +237,16 @@ class PruneRetrainCallback(Callback):
         self.weight_decay = weight_decay
         self.freeze_bn_stats = freeze_bn_stats
         self.verbose = verbose
+        if sensitivity_tolerance is not None:
+            check_number(sensitivity_tolerance, "`sensitivity_tolerance`", optional=True)
+            if criterion == "global":
+                raise ValueError("`sensitivity_tolerance` picks per-layer levels; use criterion 'std' or 'fraction'.")
+            if sensitivity_levels is not None:
+                check_levels(sensitivity_levels, criterion)
+        self.sensitivity_tolerance = sensitivity_tolerance
+        self.sensitivity_levels = list(sensitivity_levels) if sensitivity_levels is not None else None
+        self.sensitivity_relative = sensitivity_relative
+        self.sensitivity: SensitivityResult | None = None
         self.shrink_at_end = shrink_at_end
         self.structure_report: StructureReport | None = None
         self.guard = (
@@ -438,6 +467,8 @@ class PruneRetrainCallback(Callback):
                 due = self._apply_guard(trainer, pl_module, due)
             elif self.guard.baseline is None:
                 self.guard.baseline = self.guard.value(trainer.callback_metrics)
+        if due and self.sensitivity_tolerance is not None and self.sensitivity is None and not self.pruner.masks:
+            self._analyze(trainer, pl_module)
         for k in due:
             start = next((s for s, ks in self._schedule(trainer).items() if k in ks), epoch)
             if start < epoch and k not in self.round_scales:
@@ -462,6 +493,32 @@ class PruneRetrainCallback(Callback):
         if self.pruner.masks:
             pl_module.log("prune/sparsity", self.pruner.sparsity(), on_epoch=True, sync_dist=True)
             pl_module.log("prune/round", float(len(self.done_rounds)), on_epoch=True, sync_dist=True)
+
+    def _analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Sensitivity sweep on the dense model; its per-layer levels become the default quality/amount."""
+        assert self.pruner is not None and self.sensitivity_tolerance is not None
+        datamodule = trainer.datamodule
+        loaders = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
+        if not loaders:
+            raise ValueError("`sensitivity_tolerance` needs validation data (a val_dataloader) to measure on.")
+        criterion = "fraction" if self.defaults["criterion"] == "fraction" else "std"
+        self.sensitivity = analyze(
+            pl_module,
+            dataloaders=loaders,
+            levels=self.sensitivity_levels,
+            layers=self.pruner.layers,
+            criterion=criterion,
+            progress=self.verbose and trainer.is_global_zero,
+        )
+        chosen = self.sensitivity.choose(self.sensitivity_tolerance, relative=self.sensitivity_relative)
+        self.defaults["amount" if criterion == "fraction" else "quality"] = chosen
+        self.rounds = build_rounds(self._round_specs, len(self.rounds), self.defaults)
+        if self.verbose:
+            rank_zero_info(
+                f"lightning-prune: sensitivity (accuracy without retraining, each layer pruned alone)\n"
+                f"{self.sensitivity.table()}\n"
+                f"{self.sensitivity.quality_yaml(self.sensitivity_tolerance, self.sensitivity_relative)}"
+            )
 
     def _apply_guard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, due: list[int]) -> list[int]:
         """Judge the round in force; on failure roll it back and return what runs now instead of ``due``."""
@@ -653,6 +710,8 @@ class PruneRetrainCallback(Callback):
             "skipped_rounds": list(self.skipped_rounds),
             "stopped": self.stopped,
             "round_scales": {str(k): v for k, v in self.round_scales.items()},
+            "sensitivity": self.sensitivity.to_dict() if self.sensitivity is not None else None,
+            "defaults": {k: self.defaults[k] for k in ("criterion", "quality", "amount")},
         }
         if snapshot and self._snapshot is not None:
             state["snapshot"] = self._snapshot
@@ -694,3 +753,7 @@ class PruneRetrainCallback(Callback):
         self.stopped = bool(state.get("stopped", False))
         self.round_scales = {int(k): float(v) for k, v in state.get("round_scales", {}).items()}
         self._snapshot = state.get("snapshot")
+        if state.get("sensitivity") is not None:
+            self.sensitivity = SensitivityResult.from_dict(state["sensitivity"])
+            self.defaults.update(state.get("defaults", {}))
+            self.rounds = build_rounds(self._round_specs, len(self.rounds), self.defaults)

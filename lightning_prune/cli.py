@@ -1,8 +1,9 @@
 """The ``lightning-prune`` command: ``LightningCLI`` with the prune-retrain subcommands.
 
 Subcommands: ``fit``, ``validate``, ``test``, ``predict`` (as in any ``LightningCLI``), ``rounds``
-(dense training, then each prune-retrain round as its own fit) and ``export`` (a pruned checkpoint
-to the compact sparse format, optionally with dead units removed). The model and data classes come
+(dense training, then each prune-retrain round as its own fit), ``sensitivity`` (each layer pruned
+alone at increasing levels; suggests per-layer qualities) and ``export`` (a pruned checkpoint to the
+compact sparse format, optionally with dead units removed). The model and data classes come
 from the config (``model.class_path``, ``data.class_path``); the callback goes under
 ``trainer.callbacks``. Run ``lightning-prune --help`` or ``lightning-prune rounds --help``.
 
@@ -10,6 +11,7 @@ Example::
 
     lightning-prune fit --config examples/configs/lenet300_quick.yaml
     lightning-prune rounds --config examples/configs/lenet300.yaml --dense_epochs 10
+    lightning-prune sensitivity --config examples/configs/lenet5.yaml --checkpoint dense.ckpt --tolerance 0.005
     lightning-prune export --config examples/configs/lenet300.yaml --checkpoint last.ckpt --shrink true
     lightning-prune fit --config cfg.yaml --trainer.devices=2 --trainer.strategy=ddp --trainer.accelerator=cpu
 """
@@ -59,10 +61,11 @@ class PruneCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """The usual subcommands plus ``rounds`` and ``export``, and the arguments each skips."""
+        """The usual subcommands plus ``rounds``, ``sensitivity`` and ``export``, and the arguments each skips."""
         return {
             **LightningCLI.subcommands(),
             "rounds": {"model", "datamodule", "train_dataloaders", "val_dataloaders"},
+            "sensitivity": {"model", "datamodule"},
             "export": {"model", "datamodule"},
         }
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -15,6 +15,7 @@ from lightning_prune.core.export import SparseSizeReport, export_sparse
 from lightning_prune.core.selection import select_parameters
 from lightning_prune.core.structure import remove_dead_units, save_shrunk
 from lightning_prune.rounds import PhaseResult, fit_rounds
+from lightning_prune.sensitivity import SensitivityResult, analyze
 
 
 class PruneTrainer(pl.Trainer):
@@ -77,6 +78,49 @@ class PruneTrainer(pl.Trainer):
             checkpoint_dir=Path(checkpoint_dir),
             resume=resume,
         )
+
+    def sensitivity(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+        checkpoint: str | None = None,
+        levels: list[float] | None = None,
+        criterion: Literal["std", "fraction"] = "std",
+        layers: list[str] | None = None,
+        tolerance: float = 0.005,
+        relative: bool = False,
+        output_dir: str = "sensitivity",
+    ) -> SensitivityResult:
+        """Prune each layer alone at increasing levels, measure validation accuracy, suggest per-layer levels.
+
+        Writes ``sensitivity.csv``, ``sensitivity.json``, ``sensitivity.png`` (the paper's Figure 5) and
+        ``quality.yaml`` (pass it as the callback's ``quality``) to ``output_dir``.
+
+        Args:
+            model: The (trained, dense) LightningModule.
+            datamodule: Gives the validation data.
+            checkpoint: Load the model's weights from this checkpoint first.
+            levels: Quality levels (``"std"``) or shares pruned (``"fraction"``); ``None``: the defaults.
+            criterion: ``"std"`` (Han's quality) or ``"fraction"``.
+            layers: Glob patterns of the layers to analyze (``None``: every Linear/Conv).
+            tolerance: Largest accuracy drop allowed per layer when choosing its level.
+            relative: Whether ``tolerance`` is a share of the dense accuracy.
+            output_dir: Where the files go.
+
+        Returns:
+            The sweep's result.
+        """
+        if checkpoint is not None:
+            model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+        result = analyze(model, datamodule=datamodule, levels=levels, layers=layers, criterion=criterion)
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        result.to_csv(out / "sensitivity.csv")
+        result.to_json(out / "sensitivity.json")
+        result.plot(out / "sensitivity.png")
+        result.write_quality(out / "quality.yaml", tolerance, relative)
+        rank_zero_info(f"{result.table()}\n{result.quality_yaml(tolerance, relative)}wrote {out}/")
+        return result
 
     def export(
         self,
