@@ -56,6 +56,7 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import PruneRetrainCallback
+from lightning_prune.core.pruner import ZERO_PRESERVING
 
 AMOUNT = 0.9
 VARIANTS = ("plain", "PruneRetrainCallback", "ModelPruning")
@@ -144,8 +145,12 @@ def probe_ours(cb: PruneRetrainCallback, trainer: pl.Trainer) -> dict[str, float
         param = pruner.parameter(name)
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-    # What runs each step: on_before_optimizer_step masks the gradients, the step post-hook the weights.
-    work = median_us(lambda: (pruner.mask_gradients(optimizer), pruner.apply()))
+    # What runs each step: on_before_optimizer_step masks the gradients; the weights are re-masked after
+    # the step only for optimizers outside ZERO_PRESERVING (SGD, used here, keeps zero weights zero).
+    if type(optimizer) in ZERO_PRESERVING:
+        work = median_us(lambda: pruner.mask_gradients(optimizer))
+    else:
+        work = median_us(lambda: (pruner.mask_gradients(optimizer), pruner.apply()))
     return {"extra": storage_bytes(held), "weights": weights, "zeros": zeros, "work_us": work}
 
 
