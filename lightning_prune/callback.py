@@ -225,8 +225,8 @@ class PruneRetrainCallback(Callback):
         if criterion == "std" and amount is not None:
             raise ValueError("`amount` is for criterion='fraction' or 'global'; with criterion='std' use `quality`.")
         self.prune_epochs = _check_epochs(prune_epochs)
-        self._round_specs = [dict(r) for r in rounds] if isinstance(rounds, Sequence) else rounds
         self.rounds = build_rounds(rounds, len(self.prune_epochs or [0]), self.defaults)
+        self._round_specs = [dict(r) for r in rounds] if rounds is not None else None
         if self.prune_epochs is not None:
             start_epochs(self.rounds, self.prune_epochs, None)
         self.layers = list(layers) if layers is not None else None
