@@ -171,15 +171,27 @@ CONFIGS = sorted((HERE.parent / "examples" / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_example_configs_run(tmp_path, path):
     pytest.importorskip("zarr")
+    (entry,) = [
+        c for c in yaml.safe_load(path.read_text())["trainer"]["callbacks"] if "PruneRetrain" in c["class_path"]
+    ]
+    init = entry.get("init_args", {})
+    # One dense epoch before the rounds: the schedule runs whole, on two batches per epoch.
+    if init.get("prune_epochs"):
+        epochs = init["prune_epochs"][-1] + 1
+    else:
+        epochs = 1 + sum(r.get("epochs", 0) for r in init.get("rounds") or [])
     overrides = [
+        f"--trainer.max_epochs={epochs}",
         "--trainer.limit_train_batches=2",
         "--trainer.limit_val_batches=1",
         "--data.subset=512",
+        "--data.val_batch_size=64",
         f"--data.data_dir={HERE.parent / 'data'}",
         f"--trainer.default_root_dir={tmp_path}",
         *QUIET,
     ]
     cli = PruneCLI(args=["fit", "--config", str(path), *overrides])
     prune = prune_callback(cli)
+    assert cli.trainer.current_epoch == epochs
     assert prune.done_rounds == list(range(len(prune.rounds)))
     assert prune.pruner.sparsity() > 0.5
