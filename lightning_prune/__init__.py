@@ -3,12 +3,14 @@
 from lightning_prune.callback import PruneRetrainCallback
 from lightning_prune.core import LayerStats, MagnitudePruner, PruningError, format_table
 from lightning_prune.rounds import PhaseResult, fit_rounds
+from lightning_prune.trainer import PruneTrainer
 
 __all__ = [
     "LayerStats",
     "MagnitudePruner",
     "PhaseResult",
     "PruneRetrainCallback",
+    "PruneTrainer",
     "PruningError",
     "fit_rounds",
     "format_table",
