@@ -9,7 +9,7 @@
   recipe of ``examples/reproduce.py`` (Lightning, ``fit_rounds``): the bimodal distribution of the
   paper's Figure 7.
 - ``rounds.png``: test error against compression after each round of the headline runs, read from
-  ``docs/results/lenet300.json`` and ``docs/results/lenet5.json`` (no training).
+  ``docs/results/lenet300.json``, ``lenet5.json`` and ``lenet5_alllayers.json`` (no training).
 
 The numbers behind the plots go to ``docs/results/figures.json``. Run::
 
@@ -178,6 +178,7 @@ def figure4(args: argparse.Namespace, dm: MNISTDataModule) -> dict[str, Any]:
 
 def figure7(args: argparse.Namespace) -> dict[str, Any]:
     reproduce = load_reproduce()
+    reproduce.quiet_lightning()
     recipe = reproduce.RECIPES["lenet300"]["full"]
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -222,7 +223,12 @@ def figure7(args: argparse.Namespace) -> dict[str, Any]:
 def rounds_figure() -> dict[str, Any]:
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     shown = {}
-    for net, color in (("lenet300", "tab:red"), ("lenet5", "tab:blue")):
+    series = (
+        ("lenet300", "tab:red", ""),
+        ("lenet5", "tab:blue", ", local retraining"),
+        ("lenet5_alllayers", "tab:green", ", all layers retrain"),
+    )
+    for net, color, what in series:
         path = RESULTS / f"{net}.json"
         if not path.exists():
             continue
@@ -230,7 +236,7 @@ def rounds_figure() -> dict[str, Any]:
         for i, run in enumerate(report["runs"]):
             xs = [r["compression"] for r in run["rounds"]]
             ys = [r["val_error_pct"] for r in run["rounds"]]
-            label = f"{report['network']} (seeds {', '.join(map(str, report['seeds']))})" if i == 0 else None
+            label = f"{report['network']}{what} (seeds {', '.join(map(str, report['seeds']))})" if i == 0 else None
             ax.plot(xs, ys, color=color, marker="o", ms=4, alpha=0.8, label=label)
             ax.axhline(run["dense_error_pct"], color=color, lw=0.7, ls=":", alpha=0.6)
         shown[net] = str(path.relative_to(ROOT))
@@ -268,26 +274,27 @@ def main() -> None:
     only = set(args.only or ["figure4", "figure7", "rounds"])
     path = RESULTS / "figures.json"
     report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    start = time.perf_counter()
-    if "figure4" in only:
-        dm = MNISTDataModule(data_dir=args.data_dir)
-        dm.prepare_data()
-        dm.setup("fit")
-        dm.setup("test")
-        report["figure4"] = figure4(args, dm)
-    if "figure7" in only:
-        report["figure7"] = figure7(args)
-    if "rounds" in only:
-        report["rounds"] = rounds_figure()
     reproduce = load_reproduce()
-    report["last_run"] = {
-        "command": shlex.join(["python", "benchmarks/figures.py", *sys.argv[1:]]),
-        "wall_time_s": round(time.perf_counter() - start, 1),
-        **reproduce.environment(),
-    }
+    command = shlex.join(["python", "benchmarks/figures.py", *sys.argv[1:]])
+    for name in ("figure4", "figure7", "rounds"):
+        if name not in only:
+            continue
+        start = time.perf_counter()
+        if name == "figure4":
+            dm = MNISTDataModule(data_dir=args.data_dir)
+            dm.prepare_data()
+            dm.setup("fit")
+            dm.setup("test")
+            result = figure4(args, dm)
+        elif name == "figure7":
+            result = figure7(args)
+        else:
+            result = rounds_figure()
+        wall = round(time.perf_counter() - start, 1)
+        report[name] = {**result, "command": command, "wall_time_s": wall, **reproduce.environment()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path} ({report['last_run']['wall_time_s']:.0f} s)")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

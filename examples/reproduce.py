@@ -115,7 +115,8 @@ _L300_CB = {"retrain_lr_scale": 1.0, "retrain_weight_decay": 5e-4}
 # LeNet-5: local retraining as in the paper: prune the FC layers and retrain only them (conv frozen),
 # prune the conv layers and retrain only them (twice), then a last joint round. The "mild" variant
 # prunes conv2 less and retrains the last round at 0.3 of the dense rate: 18x, and no better
-# (docs/results/lenet5_mild.json).
+# (docs/results/lenet5_mild.json). "alllayers" is the full recipe without local retraining: every
+# round retrains every layer (docs/results/lenet5_alllayers.json).
 _L5_MODEL = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "cosine"}
 _L5_CB = {"retrain_lr_scale": 1.0, "retrain_weight_decay": 5e-4}
 _L5_ROUNDS = [
@@ -170,6 +171,12 @@ RECIPES: dict[str, dict[str, Recipe]] = {
             dense_epochs=12,
             callback={**_L5_CB, "rounds": _L5_ROUNDS},
             notes="Local retraining (FC, conv alternately, frozen rest), then a joint round.",
+        ),
+        "alllayers": Recipe(
+            model=_L5_MODEL,
+            dense_epochs=12,
+            callback={**_L5_CB, "rounds": [{k: v for k, v in r.items() if k != "train_only"} for r in _L5_ROUNDS]},
+            notes="The full recipe's rounds, every layer retraining in every round (no local retraining).",
         ),
         "mild": Recipe(
             model=_L5_MODEL,
