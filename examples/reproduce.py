@@ -5,14 +5,16 @@ The pipeline, per seed: train the dense net, then run the tuned prune-retrain ro
 (:func:`lightning_prune.fit_rounds`, so every round restarts the cosine learning-rate schedule),
 measure the test error of the dense and of the pruned net on the 10,000 MNIST test images, and print
 the per-layer table (the shape of the paper's Table 2) with the paper's remaining share beside ours.
-Results go to ``docs/results/<net>.json`` (``<net>_quick.json`` with ``--quick``).
+Results go to ``docs/results/<net>.json`` (``<net>_<recipe>.json`` for the other recipes); see
+docs/reproduction.md for what they gave.
 
 Run::
 
-    python examples/reproduce.py --net lenet300 --quick            # ~2 min on 2 CPU cores
-    python examples/reproduce.py --net lenet300 --seeds 0 1 2      # headline recipe, ~2-3 min per seed
-    python examples/reproduce.py --net lenet5 --seeds 0 1 2        # ~7 min per seed
-    python examples/reproduce.py --net lenet300 --recipe push      # further than the headline (~28x)
+    python examples/reproduce.py --net lenet300 --quick            # ~1 min on 2 CPU cores
+    python examples/reproduce.py --net lenet300 --seeds 0 1 2      # headline recipe, ~1.5 min per seed
+    python examples/reproduce.py --net lenet5 --seeds 0 1 2        # headline recipe, ~7 min per seed
+    python examples/reproduce.py --net lenet5 --recipe alllayers   # no local retraining (~23x)
+    python examples/reproduce.py --net lenet300 --recipe push      # further than the headline (~27x)
     python examples/reproduce.py --net lenet300 --tiny --out /tmp/tiny.json   # seconds: a smoke test
 
 MNIST is read offline (see :class:`lightning_prune.data.MNISTDataModule`); ``--data-dir`` is where
