@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.core.masks import check_mask
+
 __all__ = [
     "SparseFormatError",
     "SparseLinear",
@@ -522,11 +524,7 @@ def export_sparse(
     for name, keep in masks.items():
         if name not in state:
             raise ValueError(f"`masks` names {name!r}, which is not in the state dict (keys: {list(state)[:8]}...).")
-        if keep.dtype != torch.bool or tuple(keep.shape) != tuple(state[name].shape):
-            raise ValueError(
-                f"The mask of {name!r} has shape {tuple(keep.shape)} and dtype {keep.dtype}; the tensor has shape "
-                f"{tuple(state[name].shape)} (a bool mask is expected)."
-            )
+        check_mask(name, keep, state[name].shape)
     tensors: dict[str, Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
     storages: set[int] = set()

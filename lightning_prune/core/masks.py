@@ -8,7 +8,7 @@ about 3x faster than multiplying by the ``bool`` tensor itself and 5x faster tha
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -26,6 +26,20 @@ def multiplier(keep: Tensor) -> Tensor:
         tensor([1, 0], dtype=torch.uint8)
     """
     return keep.view(torch.uint8)
+
+
+def check_mask(name: str, keep: Tensor, shape: Sequence[int], what: str = "tensor") -> None:
+    """Raise unless ``keep`` is a ``bool`` mask of ``shape``, naming ``name`` and both shapes.
+
+    Example::
+
+        >>> check_mask("fc.weight", torch.ones(2, 3, dtype=torch.bool), (2, 3))
+    """
+    if keep.dtype != torch.bool or tuple(keep.shape) != tuple(shape):
+        raise ValueError(
+            f"The mask of {name!r} has shape {tuple(keep.shape)} and dtype {keep.dtype}; the {what} has shape "
+            f"{tuple(shape)} (a bool mask is expected)."
+        )
 
 
 @torch.no_grad()

@@ -15,7 +15,14 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.core import criteria
-from lightning_prune.core.masks import MaskPairs, mask_gradients, mask_weights, multiplier, zero_optimizer_state
+from lightning_prune.core.masks import (
+    MaskPairs,
+    check_mask,
+    mask_gradients,
+    mask_weights,
+    multiplier,
+    zero_optimizer_state,
+)
 from lightning_prune.core.report import LayerStats
 from lightning_prune.core.selection import resolve_per_layer, select_parameters
 
@@ -402,12 +409,7 @@ class MagnitudePruner:
                     f"The saved masks include {name!r}, which is not among the pruned parameters "
                     f"{list(self.layer_of)}. Was the checkpoint made with other `layers`?"
                 )
-            param = self.parameter(name)
-            if tuple(keep.shape) != tuple(param.shape) or keep.dtype != torch.bool:
-                raise ValueError(
-                    f"The saved mask of {name!r} has shape {tuple(keep.shape)} and dtype {keep.dtype}; "
-                    f"the parameter has shape {tuple(param.shape)} (a bool mask is expected)."
-                )
+            check_mask(name, keep, self.parameter(name).shape, "parameter")
         self.masks = {name: keep.to(self.parameter(name).device, copy=True) for name, keep in masks.items()}
         self.dense_std = dict(state.get("dense_std", {}))
         self.thresholds = dict(state.get("thresholds", {}))

@@ -57,6 +57,8 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from lightning_prune.core.masks import check_mask
+
 __all__ = [
     "LayerChange",
     "LayerPlan",
@@ -614,11 +616,7 @@ def _check_masks(model: nn.Module, masks: Mapping[str, Tensor] | None) -> None:
     for name, keep in masks.items():
         if name not in params:
             raise ValueError(f"`masks` names {name!r}, which is not a parameter of the model.")
-        if keep.dtype != torch.bool or tuple(keep.shape) != tuple(params[name].shape):
-            raise ValueError(
-                f"The mask of {name!r} has shape {tuple(keep.shape)} and dtype {keep.dtype}; the parameter has "
-                f"shape {tuple(params[name].shape)} (a bool mask is expected)."
-            )
+        check_mask(name, keep, params[name].shape, "parameter")
 
 
 def _alive(name: str, weight: Tensor, masks: Mapping[str, Tensor] | None) -> Tensor:
