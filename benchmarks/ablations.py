@@ -1,22 +1,28 @@
-"""Ablations of the paper's retraining tricks on real MNIST, one seed each, into docs/results/ablations.json.
+"""Ablations of the paper's retraining tricks on real MNIST, over seeds, into docs/results/ablations.json.
 
-Each ablation changes one thing of the headline recipes of ``examples/reproduce.py``:
+Each ablation changes one thing of a headline recipe of ``examples/reproduce.py`` and runs every arm
+with the same seeds (0, 1, 2 by default; a seed's dense net is the same in every arm that shares the
+dense phase, so arms are paired comparisons):
 
 1. ``iterative_vs_oneshot`` (LeNet-300-100): the headline's 5 iterative rounds against ONE prune to
-   the same per-layer sparsity (``criterion="fraction"`` with the iterative run's final per-layer
-   shares) retrained for the same total number of epochs.
-2. ``dropout_adjustment`` (LeNet-300-100 built with dropout 0.5): ``adjust_dropout=True``
-   (``D_r = D_o * sqrt(C_ir / C_io)``) against ``False`` (dropout stays 0.5 while retraining).
-3. ``local_retraining`` (LeNet-5): the headline's alternation (prune FC -> retrain FC only, prune
-   conv -> retrain conv only, then a joint round) against the same rounds retraining every layer.
+   the same per-layer sparsity (``criterion="fraction"`` with each seed's final per-layer shares of
+   the iterative run) retrained for the same total number of epochs.
+2. ``dropout_adjustment`` (LeNet-300-100): the headline net (dropout 0.2) with ``adjust_dropout``
+   on (``D_r = D_o * sqrt(C_ir / C_io)``) and off (the rate stays 0.2 while retraining); the same
+   pair with dropout 0.5; and the paper's net without dropout (recipe ``nodropout``).
+3. ``local_retraining`` (LeNet-5): the headline (every layer retrains in every round) against the
+   paper's alternation (prune FC -> retrain FC only, prune conv -> retrain conv only, recipe ``local``).
 4. ``retrain_lr`` (LeNet-300-100): the paper's retraining rate (``lr_scale`` 0.1 of the dense rate)
    against the headline's rate rewound to the dense rate (``lr_scale`` 1.0).
+5. ``dense_control`` (both nets): a dense net trained for as many epochs as the whole pipeline (dense
+   training plus every retraining epoch), beside the pipeline's dense and pruned nets: does the
+   pruned net end where it does only because it trained longer?
 
-An arm equal to a headline run (same recipe, seed 0) is taken from ``docs/results/<net>.json`` when
-that file holds it, instead of being trained again. Run::
+An arm that is a recipe of ``reproduce.py`` is read from its results file in ``docs/results/`` when
+that file holds the seed with the current recipe, instead of being trained again. Run::
 
-    python benchmarks/ablations.py                 # ~15 minutes on 2 CPU cores
-    python benchmarks/ablations.py --only retrain_lr
+    python benchmarks/ablations.py                       # ~90 minutes on 2 CPU cores (3 seeds)
+    python benchmarks/ablations.py --only retrain_lr --seeds 0
 """
 
 from __future__ import annotations
@@ -27,17 +33,19 @@ import dataclasses
 import importlib.util
 import json
 import shlex
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
-ABLATIONS = ("iterative_vs_oneshot", "dropout_adjustment", "local_retraining", "retrain_lr")
+ABLATIONS = ("iterative_vs_oneshot", "dropout_adjustment", "local_retraining", "retrain_lr", "dense_control")
 
 
 def load_reproduce() -> Any:
@@ -49,100 +57,158 @@ def load_reproduce() -> Any:
     return module
 
 
+def results_file(net: str, name: str) -> Path:
+    return RESULTS / (f"{net}.json" if name == "full" else f"{net}_{name}.json")
+
+
 class Runner:
-    def __init__(self, reproduce: Any, data_dir: str, seed: int):
+    def __init__(self, reproduce: Any, data_dir: str, seeds: list[int]):
         self.reproduce = reproduce
         self.data_dir = data_dir
-        self.seed = seed
+        self.seeds = seeds
 
-    def headline(self, net: str) -> dict[str, Any] | None:
-        """Seed ``self.seed`` of docs/results/<net>.json, if it was made with the current full recipe."""
-        path = RESULTS / f"{net}.json"
+    def cached(self, net: str, name: str, seed: int) -> dict[str, Any] | None:
+        """Seed ``seed`` of recipe ``name``'s results file, if that file was made with the current recipe."""
+        path = results_file(net, name)
         if not path.exists():
             return None
         report = json.loads(path.read_text())
-        recipe = dataclasses.asdict(self.reproduce.RECIPES[net]["full"])
+        recipe = dataclasses.asdict(self.reproduce.RECIPES[net][name])
         recipe.pop("notes")
         if json.loads(json.dumps(recipe)) != {k: v for k, v in report["recipe"].items() if k != "notes"}:
             return None
         for run in report["runs"]:
-            if run["seed"] == self.seed:
-                return {**run, "source": f"docs/results/{net}.json (command: {report['command']})"}
+            if run["seed"] == seed:
+                return {**run, "source": f"docs/results/{path.name} (command: {report['command']})"}
         return None
 
-    def run(self, net: str, recipe: Any, label: str) -> dict[str, Any]:
-        print(f"-- {label}", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            run = self.reproduce.run_seed(net, recipe, self.seed, self.data_dir, Path(tmp), echo=False)
-        print(run["table"])
-        print(
-            f"   test error {run['dense_error_pct']:.2f}% -> {run['pruned_error_pct']:.2f}%, "
-            f"{run['compression']:.1f}x, {run['wall_time_s']:.0f} s",
-            flush=True,
-        )
-        return {k: v for k, v in run.items() if not k.startswith("_") and k not in ("curve", "table", "layers")}
+    def run(self, net: str, recipe: Any, label: str, name: str | None = None) -> list[dict[str, Any]]:
+        """One run per seed of ``recipe`` (of the named recipe, read from its results file where it can be)."""
+        runs = []
+        for seed in self.seeds:
+            cached = self.cached(net, name, seed) if name is not None else None
+            if cached is not None:
+                print(f"-- {label}, seed {seed}: from {cached['source']}", flush=True)
+                runs.append(cached)
+                continue
+            print(f"-- {label}, seed {seed}", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                run = self.reproduce.run_seed(net, recipe, seed, self.data_dir, Path(tmp), echo=False)
+            print(
+                f"   test error {run['dense_error_pct']:.2f}% -> {run['pruned_error_pct']:.2f}%, "
+                f"{run['compression']:.1f}x, {run['wall_time_s']:.0f} s",
+                flush=True,
+            )
+            runs.append({k: v for k, v in run.items() if not k.startswith("_")})
+        return runs
 
-    def full(self, net: str, label: str) -> dict[str, Any]:
-        cached = self.headline(net)
-        if cached is not None:
-            print(f"-- {label}: from {cached['source']}", flush=True)
-            return {k: v for k, v in cached.items() if k not in ("curve", "table", "layers")}
-        return self.run(net, self.reproduce.RECIPES[net]["full"], label)
+    def recipe(self, net: str, name: str, label: str) -> list[dict[str, Any]]:
+        return self.run(net, self.reproduce.RECIPES[net][name], label, name=name)
+
+    def dense_only(self, net: str, recipe: Any, epochs: int, label: str) -> list[dict[str, Any]]:
+        """Per seed: the recipe's dense net trained for ``epochs`` epochs, and its test error."""
+        runs = []
+        for seed in self.seeds:
+            print(f"-- {label}, seed {seed}", flush=True)
+            start = time.perf_counter()
+            pl.seed_everything(seed, workers=True, verbose=False)
+            dm = self.reproduce.MNISTDataModule(
+                data_dir=self.data_dir, batch_size=recipe.batch_size, subset=recipe.subset
+            )
+            model = self.reproduce.NETS[net](**recipe.model)
+            kwargs = self.reproduce.trainer_kwargs(recipe, [])
+            trainer = pl.Trainer(**kwargs, max_epochs=epochs, enable_checkpointing=False)
+            trainer.fit(model, datamodule=dm)
+            error = self.reproduce.test_error(model, dm, recipe.test_images)
+            print(f"   test error {error:.2f}% after {epochs} dense epochs", flush=True)
+            runs.append(
+                {
+                    "seed": seed,
+                    "epochs": epochs,
+                    "error_pct": error,
+                    "wall_time_s": round(time.perf_counter() - start, 1),
+                }
+            )
+        return runs
 
 
-def arm(name: str, run: dict[str, Any], **what: Any) -> dict[str, Any]:
-    keep = ("dense_error_pct", "pruned_error_pct", "compression", "weights_after", "remaining_pct", "wall_time_s")
-    return {"arm": name, **what, **{k: run[k] for k in keep}, "source": run.get("source", "this script")}
+def arm(name: str, runs: list[dict[str, Any]], **what: Any) -> dict[str, Any]:
+    """An arm's per-seed results and their medians."""
+    keep = ("seed", "dense_error_pct", "pruned_error_pct", "compression", "weights_after", "remaining_pct")
+    per_seed = [
+        {**{k: r[k] for k in keep}, "change": round(r["pruned_error_pct"] - r["dense_error_pct"], 3)} for r in runs
+    ]
+    median = {
+        k: statistics.median(r[k] for r in per_seed)
+        for k in ("dense_error_pct", "pruned_error_pct", "change", "compression")
+    }
+    no_loss = sum(r["change"] <= 0 for r in per_seed)
+    sources = sorted({r.get("source", "this script") for r in runs})
+    return {
+        "arm": name,
+        **what,
+        **median,
+        "seeds_no_loss": f"{no_loss}/{len(runs)}",
+        "runs": per_seed,
+        "sources": sources,
+    }
 
 
 def iterative_vs_oneshot(r: Runner) -> dict[str, Any]:
     full = r.reproduce.RECIPES["lenet300"]["full"]
-    iterative = r.full("lenet300", "LeNet-300-100, iterative (headline)")
-    amounts = {name.removesuffix(".weight"): 1 - pct / 100 for name, pct in iterative["remaining_pct"].items()}
-    amounts.pop("total")
-    oneshot = copy.deepcopy(full)
-    oneshot.callback["rounds"] = [{"criterion": "fraction", "amount": amounts, "epochs": full.retrain_epochs}]
-    single = r.run("lenet300", oneshot, "LeNet-300-100, one-shot to the same per-layer sparsity")
+    iterative = r.recipe("lenet300", "full", "LeNet-300-100, iterative (headline)")
+    oneshot_runs = []
+    for seed, it in zip(r.seeds, iterative, strict=True):
+        amounts = {name.removesuffix(".weight"): 1 - pct / 100 for name, pct in it["remaining_pct"].items()}
+        amounts.pop("total")
+        oneshot = copy.deepcopy(full)
+        oneshot.callback["rounds"] = [{"criterion": "fraction", "amount": amounts, "epochs": full.retrain_epochs}]
+        (single,) = Runner(r.reproduce, r.data_dir, [seed]).run(
+            "lenet300", oneshot, "LeNet-300-100, one-shot to the same per-layer sparsity"
+        )
+        oneshot_runs.append(single)
+    rounds = len(full.callback["rounds"])
     return {
         "net": "lenet300",
         "what": "one prune to the iterative run's final per-layer sparsity, same total retraining epochs",
         "arms": [
-            arm("iterative (5 rounds, std rule)", iterative, retrain_epochs=full.retrain_epochs),
-            arm("one-shot (1 round, fraction rule)", single, retrain_epochs=full.retrain_epochs),
+            arm(f"iterative ({rounds} rounds, std rule)", iterative, retrain_epochs=full.retrain_epochs),
+            arm("one-shot (1 round, fraction rule)", oneshot_runs, retrain_epochs=full.retrain_epochs),
         ],
     }
 
 
 def dropout_adjustment(r: Runner) -> dict[str, Any]:
     full = r.reproduce.RECIPES["lenet300"]["full"]
-    arms = []
-    for adjust in (True, False):
+    arms = [arm("dropout 0.2, adjusted (headline)", r.recipe("lenet300", "full", "LeNet-300-100 (headline)"))]
+    for rate, adjust in ((0.2, False), (0.5, True), (0.5, False)):
         recipe = copy.deepcopy(full)
-        recipe.model["dropout"] = 0.5
+        recipe.model["dropout"] = rate
         recipe.callback["adjust_dropout"] = adjust
-        run = r.run("lenet300", recipe, f"LeNet-300-100 dropout 0.5, adjust_dropout={adjust}")
-        arms.append(arm(f"adjust_dropout={adjust}", run, dropout=0.5))
-    return {"net": "lenet300", "what": "LeNet-300-100 built with dropout 0.5 (drop1, drop2)", "arms": arms}
+        runs = r.run("lenet300", recipe, f"LeNet-300-100 dropout {rate}, adjust_dropout={adjust}")
+        arms.append(arm(f"dropout {rate}, {'adjusted' if adjust else 'not adjusted'}", runs))
+    arms.append(arm("no dropout (recipe nodropout)", r.recipe("lenet300", "nodropout", "LeNet-300-100, no dropout")))
+    return {
+        "net": "lenet300",
+        "what": "dropout rate of drop1, drop2 and whether it shrinks while retraining",
+        "arms": arms,
+    }
 
 
 def local_retraining(r: Runner) -> dict[str, Any]:
-    full = r.reproduce.RECIPES["lenet5"]["full"]
-    local = r.full("lenet5", "LeNet-5, local retraining (headline)")
-    everything = copy.deepcopy(full)
-    everything.callback["rounds"] = [
-        {k: v for k, v in rd.items() if k != "train_only"} for rd in full.callback["rounds"]
-    ]
-    all_layers = r.run("lenet5", everything, "LeNet-5, every round retrains all layers")
     return {
         "net": "lenet5",
-        "what": "same rounds; train_only alternation (paper) vs all layers retraining in every round",
-        "arms": [arm("train_only alternation (paper)", local), arm("all layers retrain", all_layers)],
+        "what": "same rounds; every layer retraining in every round vs the paper's train_only alternation",
+        "arms": [
+            arm("all layers retrain (headline)", r.recipe("lenet5", "full", "LeNet-5 (headline)")),
+            arm("train_only alternation (paper)", r.recipe("lenet5", "local", "LeNet-5, local retraining")),
+        ],
     }
 
 
 def retrain_lr(r: Runner) -> dict[str, Any]:
     full = r.reproduce.RECIPES["lenet300"]["full"]
-    rewound = r.full("lenet300", "LeNet-300-100, lr_scale 1.0 (headline)")
+    rewound = r.recipe("lenet300", "full", "LeNet-300-100, lr_scale 1.0 (headline)")
     paper = copy.deepcopy(full)
     paper.callback["retrain_lr_scale"] = 0.1
     low = r.run("lenet300", paper, "LeNet-300-100, lr_scale 0.1 (paper)")
@@ -153,24 +219,81 @@ def retrain_lr(r: Runner) -> dict[str, Any]:
     }
 
 
+def dense_control(r: Runner) -> dict[str, Any]:
+    nets = {}
+    for net in ("lenet300", "lenet5"):
+        recipe = r.reproduce.RECIPES[net]["full"]
+        total = recipe.dense_epochs + recipe.retrain_epochs
+        pipeline = r.recipe(net, "full", f"{net} (headline)")
+        long = r.dense_only(net, recipe, total, f"{net}, dense for {total} epochs")
+        per_seed = [
+            {
+                "seed": p["seed"],
+                "dense_error_pct": p["dense_error_pct"],
+                "long_dense_error_pct": d["error_pct"],
+                "pruned_error_pct": p["pruned_error_pct"],
+                "compression": p["compression"],
+            }
+            for p, d in zip(pipeline, long, strict=True)
+        ]
+        beaten = sum(s["pruned_error_pct"] <= s["long_dense_error_pct"] for s in per_seed)
+        nets[net] = {
+            "dense_epochs": recipe.dense_epochs,
+            "long_dense_epochs": total,
+            **{
+                k: statistics.median(s[k] for s in per_seed)
+                for k in ("dense_error_pct", "long_dense_error_pct", "pruned_error_pct", "compression")
+            },
+            "seeds_pruned_at_most_long_dense": f"{beaten}/{len(per_seed)}",
+            "runs": per_seed,
+        }
+    return {"what": "dense nets trained as long as the whole pipeline (dense + all retraining epochs)", "nets": nets}
+
+
+def table(name: str, result: dict[str, Any]) -> str:
+    """The ablation as Markdown rows (medians over seeds)."""
+    if name == "dense_control":
+        lines = [
+            "| net | dense (recipe) | dense, as long as the pipeline | pruned | compression | pruned <= long dense |"
+        ]
+        lines.append("|---|---:|---:|---:|---:|---|")
+        for net, n in result["nets"].items():
+            lines.append(
+                f"| {net} | {n['dense_error_pct']:.2f}% ({n['dense_epochs']} ep.) | {n['long_dense_error_pct']:.2f}% "
+                f"({n['long_dense_epochs']} ep.) | {n['pruned_error_pct']:.2f}% | {n['compression']:.1f}x | "
+                f"{n['seeds_pruned_at_most_long_dense']} seeds |"
+            )
+        return "\n".join(lines)
+    lines = [
+        "| arm | dense error | pruned error | change | compression | seeds without loss |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for a in result["arms"]:
+        lines.append(
+            f"| {a['arm']} | {a['dense_error_pct']:.2f}% | {a['pruned_error_pct']:.2f}% | {a['change']:+.2f} | "
+            f"{a['compression']:.1f}x | {a['seeds_no_loss']} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=ABLATIONS, nargs="+", default=None)
     parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reproduce = load_reproduce()
     reproduce.quiet_lightning()
-    runner = Runner(reproduce, args.data_dir, args.seed)
+    runner = Runner(reproduce, args.data_dir, args.seeds)
     path = RESULTS / "ablations.json"
     report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     for name in args.only or ABLATIONS:
         start = time.perf_counter()
         result = globals()[name](runner)
         result.update(
-            seed=args.seed,
+            seeds=args.seeds,
             command=shlex.join(["python", "benchmarks/ablations.py", *sys.argv[1:]]),
             wall_time_s=round(time.perf_counter() - start, 1),
             **reproduce.environment(),
@@ -178,12 +301,7 @@ def main() -> None:
         report[name] = result
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")
-        for a in result["arms"]:
-            print(
-                f"{name}: {a['arm']}: {a['dense_error_pct']:.2f}% -> {a['pruned_error_pct']:.2f}%, "
-                f"{a['compression']:.1f}x",
-                flush=True,
-            )
+        print(f"\n{name} (median over seeds {', '.join(map(str, args.seeds))}):\n{table(name, result)}\n", flush=True)
     print(f"wrote {path}")
 
 

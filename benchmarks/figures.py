@@ -9,7 +9,8 @@
   recipe of ``examples/reproduce.py`` (Lightning, ``fit_rounds``): the bimodal distribution of the
   paper's Figure 7.
 - ``rounds.png``: test error against compression after each round of the headline runs, read from
-  ``docs/results/lenet300.json``, ``lenet5.json`` and ``lenet5_alllayers.json`` (no training).
+  ``docs/results/lenet300.json``, ``lenet300_nodropout.json``, ``lenet5.json`` and ``lenet5_local.json``
+  (no training).
 
 The numbers behind the plots go to ``docs/results/figures.json``. Run::
 
@@ -224,9 +225,10 @@ def rounds_figure() -> dict[str, Any]:
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     shown = {}
     series = (
-        ("lenet300", "tab:red", ""),
-        ("lenet5", "tab:blue", ", local retraining"),
-        ("lenet5_alllayers", "tab:green", ", all layers retrain"),
+        ("lenet300", "tab:red", ", dropout 0.2"),
+        ("lenet300_nodropout", "tab:orange", ", no dropout"),
+        ("lenet5", "tab:blue", ", dropout 0.5"),
+        ("lenet5_local", "tab:green", ", dropout 0.5, local retraining"),
     )
     for net, color, what in series:
         path = RESULTS / f"{net}.json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "reproduce.py"
@@ -54,3 +59,57 @@ def test_tiny_run_writes_json_and_table(tmp_path: Path, mnist_dir: str) -> None:
     assert report["median"]["compression"] == run["compression"]
     assert report["paper"]["remaining_pct"]["fc1.weight"] == 8
     assert [r["name"] for r in run["rounds"]] == ["dense", "round-1", "round-2"]
+
+
+@pytest.fixture(scope="module")
+def reproduce(monkeypatch_module: pytest.MonkeyPatch):
+    spec = importlib.util.spec_from_file_location("reproduce_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch_module.setitem(sys.modules, spec.name, module)  # dataclasses resolve annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+# Each YAML config holds a recipe of reproduce.py for `lightning-prune fit` / `rounds`.
+CONFIG_RECIPES = {"lenet300.yaml": ("lenet300", "full"), "lenet300_quick.yaml": ("lenet300", "quick")}
+CONFIG_RECIPES["lenet5.yaml"] = ("lenet5", "full")
+
+
+@pytest.mark.parametrize("config", sorted(CONFIG_RECIPES))
+def test_example_config_matches_its_recipe(reproduce, config: str) -> None:
+    recipe = reproduce.RECIPES[CONFIG_RECIPES[config][0]][CONFIG_RECIPES[config][1]]
+    cfg = yaml.safe_load((ROOT / "examples" / "configs" / config).read_text())
+    assert cfg["model"]["init_args"] == recipe.model
+    assert cfg["data"]["init_args"]["batch_size"] == recipe.batch_size
+    assert cfg["trainer"]["max_epochs"] == recipe.dense_epochs + recipe.retrain_epochs
+    (callback,) = cfg["trainer"]["callbacks"]
+    init = dict(callback["init_args"])
+    assert init.pop("min_remaining") == 0.01  # the configs' floor for smoke runs, which never binds in a real run
+    assert init == recipe.callback
+
+
+def test_paired_comparison_counts_and_exact_mcnemar(reproduce) -> None:
+    dense = torch.tensor([True, True, True, False, False, False, False])
+    pruned = torch.tensor([True, False, False, True, False, False, False])
+    assert reproduce.paired_comparison(dense, pruned) == {"lost": 1, "fixed": 2, "mcnemar_p": 1.0}
+    # 0 lost, 6 fixed: two-sided p = 2 / 2**6
+    six = torch.ones(6, dtype=torch.bool)
+    assert reproduce.paired_comparison(six, ~six) == {"lost": 0, "fixed": 6, "mcnemar_p": 0.0312}
+    assert reproduce.paired_comparison(six, six) == {"lost": 0, "fixed": 0, "mcnemar_p": 1.0}
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 40), st.integers(0, 40))
+def test_mcnemar_p_is_symmetric_and_a_probability(reproduce, lost: int, fixed: int) -> None:
+    n = lost + fixed
+    dense = torch.arange(n) >= lost
+    result = reproduce.paired_comparison(dense, ~dense)
+    assert (result["lost"], result["fixed"]) == (lost, fixed)
+    swapped = reproduce.paired_comparison(~dense, dense)
+    assert swapped["mcnemar_p"] == result["mcnemar_p"] and 0 < result["mcnemar_p"] <= 1

@@ -1,0 +1,141 @@
+"""The Markdown tables of docs/reproduction.md, read from the results files of ``examples/reproduce.py``.
+
+No training: it reads ``docs/results/<net>[_<recipe>].json`` and prints the summary table, the
+per-layer tables (Table 2 of the paper beside ours) and the per-seed tables, so that the page's
+numbers are pasted from the runs, not typed. Run::
+
+    python benchmarks/reproduction_tables.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+
+ROWS = (
+    ("lenet300", "full", "LeNet-300-100, ours (dropout 0.2)"),
+    ("lenet300", "gentle", "LeNet-300-100, ours, 4 rounds"),
+    ("lenet300", "push", "LeNet-300-100, ours, 6 rounds"),
+    ("lenet300", "nodropout", "LeNet-300-100, ours, no dropout (paper's net)"),
+    ("lenet5", "full", "LeNet-5, ours (dropout 0.5)"),
+    ("lenet5", "local", "LeNet-5, ours, paper's local retraining"),
+    ("lenet5", "nodropout", "LeNet-5, ours, no dropout (paper's net)"),
+)
+
+
+def load(net: str, recipe: str) -> dict[str, Any] | None:
+    path = RESULTS / (f"{net}.json" if recipe == "full" else f"{net}_{recipe}.json")
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def no_loss(report: dict[str, Any]) -> str:
+    return report["targets"]["seeds_with_pruned_error_at_most_dense"]
+
+
+def summary() -> str:
+    lines = [
+        "| network | seeds | dense error | pruned error | change | seeds without loss | test images lost / fixed "
+        "(McNemar p) | weights | compression | time per seed |",
+        "|---|---|---:|---:|---:|---|---|---|---:|---:|",
+    ]
+    papers = {}
+    for net, recipe, label in ROWS:
+        report = load(net, recipe)
+        if report is None:
+            continue
+        paper = report["paper"]
+        if net not in papers:
+            papers[net] = True
+            lines.append(
+                f"| {report['network']}, paper | | {paper['dense_error_pct']:.2f}% | "
+                f"{paper['pruned_error_pct']:.2f}% | {paper['pruned_error_pct'] - paper['dense_error_pct']:+.2f} | | | "
+                f"{paper['weights_before'] // 1000}K -> {paper['weights_after'] // 1000}K | {paper['compression']}x | |"
+            )
+        m = report["median"]
+        pooled = report["test_images_all_seeds"]
+        lines.append(
+            f"| {label} | {len(report['seeds'])} | {m['dense_error_pct']:.2f}% | {m['pruned_error_pct']:.2f}% | "
+            f"{m['error_change_pct_points']:+.2f} | {no_loss(report)} | {pooled['lost']} / {pooled['fixed']} "
+            f"({pooled['mcnemar_p']:.2g}) | {m['weights_before']:,.0f} -> {m['weights_after']:,.0f} | "
+            f"{m['compression']:.1f}x | {m['wall_time_s']:.0f} s |"
+        )
+    return "\n".join(lines)
+
+
+def per_layer(net: str, recipe: str) -> str:
+    report = load(net, recipe)
+    assert report is not None
+    runs = report["runs"]
+    names = list(runs[0]["remaining_pct"])
+    seeds = " / ".join(str(s) for s in report["seeds"])
+    lines = [
+        f"| layer | weights | paper remaining | ours remaining (median) | seeds {seeds} |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name in names:
+        weights = runs[0]["weights_before"] if name == "total" else runs[0]["layers"][name]["weights"]
+        values = [r["remaining_pct"][name] for r in runs]
+        shown = name.removesuffix(".weight")
+        lines.append(
+            f"| {shown} | {weights:,} | {report['paper']['remaining_pct'][name]}% | {statistics.median(values):.2f}% | "
+            f"{' / '.join(f'{v:.2f}' for v in values)} |"
+        )
+    return "\n".join(lines)
+
+
+def per_seed(net: str, recipe: str) -> str:
+    report = load(net, recipe)
+    assert report is not None
+    lines = [
+        "| seed | dense error | pruned error | change | lost / fixed (McNemar p) | weights after | compression | "
+        "wall time |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in report["runs"]:
+        t = r["test_images"]
+        lines.append(
+            f"| {r['seed']} | {r['dense_error_pct']:.2f}% | {r['pruned_error_pct']:.2f}% | "
+            f"{r['pruned_error_pct'] - r['dense_error_pct']:+.2f} | {t['lost']} / {t['fixed']} "
+            f"({t['mcnemar_p']:.2g}) | {r['weights_after']:,} | {r['compression']:.1f}x | {r['wall_time_s']:.0f} s |"
+        )
+    m = report["median"]
+    lines.append(
+        f"| **median** | **{m['dense_error_pct']:.2f}%** | **{m['pruned_error_pct']:.2f}%** | "
+        f"**{m['error_change_pct_points']:+.2f}** | | **{m['weights_after']:,.0f}** | **{m['compression']:.1f}x** | "
+        f"**{m['wall_time_s']:.0f} s** |"
+    )
+    return "\n".join(lines)
+
+
+def rounds(net: str, recipe: str) -> str:
+    """Per seed: compression and test error after each round."""
+    report = load(net, recipe)
+    assert report is not None
+    lines = []
+    for r in report["runs"]:
+        steps = ", ".join(f"{p['compression']:.1f}x {p['val_error_pct']:.2f}%" for p in r["rounds"][1:])
+        lines.append(f"- seed {r['seed']}: dense {r['dense_error_pct']:.2f}%; {steps}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print("## Summary\n")
+    print(summary())
+    for net, recipe, label in ROWS:
+        if load(net, recipe) is None:
+            continue
+        print(f"\n## {label} ({load(net, recipe)['command']})\n")
+        print(per_layer(net, recipe))
+        print()
+        print(per_seed(net, recipe))
+        print("\nafter each round:\n")
+        print(rounds(net, recipe))
+
+
+if __name__ == "__main__":
+    main()
