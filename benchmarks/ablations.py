@@ -73,9 +73,9 @@ class Runner:
         if not path.exists():
             return None
         report = json.loads(path.read_text())
-        recipe = dataclasses.asdict(self.reproduce.RECIPES[net][name])
-        recipe.pop("notes")
-        if json.loads(json.dumps(recipe)) != {k: v for k, v in report["recipe"].items() if k != "notes"}:
+        stored = dataclasses.replace(self.reproduce.Recipe(**report["recipe"]), notes="")
+        current = json.loads(json.dumps(dataclasses.asdict(self.reproduce.RECIPES[net][name])))
+        if stored != dataclasses.replace(self.reproduce.Recipe(**current), notes=""):
             return None
         for run in report["runs"]:
             if run["seed"] == seed:
@@ -125,7 +125,7 @@ class Runner:
                 {
                     "seed": seed,
                     "epochs": epochs,
-                    "error_pct": error,
+                    "error_pct": round(error, 3),
                     "wall_time_s": round(time.perf_counter() - start, 1),
                 }
             )

@@ -23,6 +23,7 @@ ROWS = (
     ("lenet300", "push", "LeNet-300-100, ours, 6 rounds"),
     ("lenet300", "nodropout", "LeNet-300-100, ours, no dropout (paper's net)"),
     ("lenet5", "full", "LeNet-5, ours (dropout 0.5)"),
+    ("lenet5", "gentle", "LeNet-5, ours, 3 rounds"),
     ("lenet5", "local", "LeNet-5, ours, paper's local retraining"),
     ("lenet5", "nodropout", "LeNet-5, ours, no dropout (paper's net)"),
 )

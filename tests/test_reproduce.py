@@ -88,6 +88,7 @@ def test_example_config_matches_its_recipe(reproduce, config: str) -> None:
     assert cfg["model"]["init_args"] == recipe.model
     assert cfg["data"]["init_args"]["batch_size"] == recipe.batch_size
     assert cfg["trainer"]["max_epochs"] == recipe.dense_epochs + recipe.retrain_epochs
+    assert cfg["trainer"].get("gradient_clip_val") == recipe.gradient_clip_val
     (callback,) = cfg["trainer"]["callbacks"]
     init = dict(callback["init_args"])
     assert init.pop("min_remaining") == 0.01  # the configs' floor for smoke runs, which never binds in a real run
@@ -113,3 +114,47 @@ def test_mcnemar_p_is_symmetric_and_a_probability(reproduce, lost: int, fixed: i
     assert (result["lost"], result["fixed"]) == (lost, fixed)
     swapped = reproduce.paired_comparison(~dense, dense)
     assert swapped["mcnemar_p"] == result["mcnemar_p"] and 0 < result["mcnemar_p"] <= 1
+
+
+def test_finished_seeds_are_written_before_a_later_seed_fails(
+    reproduce, tmp_path: Path, mnist_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = reproduce.run_seed
+
+    def run_seed(net, recipe, seed, *args, **kwargs):
+        if seed == 1:
+            raise RuntimeError("seed 1 diverged")
+        return original(net, recipe, seed, *args, **kwargs)
+
+    monkeypatch.setattr(reproduce, "run_seed", run_seed)
+    monkeypatch.setattr(reproduce, "quiet_lightning", lambda: None)  # keep the session's logging as it is
+    out = tmp_path / "partial.json"
+    argv = ["--net", "lenet300", "--tiny", "--quiet", "--seeds", "0", "1", "--data-dir", mnist_dir, "--out", str(out)]
+    with pytest.raises(RuntimeError, match="seed 1 diverged"):
+        reproduce.main(argv)
+    report = json.loads(out.read_text())
+    assert report["seeds"] == [0] and report["complete"] is False
+    assert [r["seed"] for r in report["runs"]] == [0]
+    assert report["median"]["compression"] == report["runs"][0]["compression"]
+
+
+def test_lenet5_recipes_clip_gradients(reproduce) -> None:
+    for name, recipe in reproduce.RECIPES["lenet5"].items():
+        assert reproduce.trainer_kwargs(recipe, [])["gradient_clip_val"] == 10.0, name
+    assert "gradient_clip_val" not in reproduce.trainer_kwargs(reproduce.RECIPES["lenet300"]["full"], [])
+
+
+def test_every_recipe_builds_its_callback(reproduce) -> None:
+    from lightning_prune import PruneRetrainCallback
+
+    for net, recipes in reproduce.RECIPES.items():
+        for name, recipe in recipes.items():
+            callback = PruneRetrainCallback(**recipe.callback)
+            assert len(callback.rounds) == len(recipe.callback["rounds"]), (net, name)
+            assert recipe.retrain_epochs == sum(r["epochs"] for r in recipe.callback["rounds"]), (net, name)
+
+
+def test_gentle_lenet5_is_the_full_recipe_stopped_after_round_3(reproduce) -> None:
+    full, gentle = (reproduce.RECIPES["lenet5"][k].callback["rounds"] for k in ("full", "gentle"))
+    assert gentle[:2] == full[:2]
+    assert {**gentle[2], "epochs": full[2]["epochs"]} == full[2] and gentle[2]["epochs"] == 8
