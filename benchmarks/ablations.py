@@ -17,11 +17,14 @@ dense phase, so arms are paired comparisons):
 5. ``dense_control`` (both nets): a dense net trained for as many epochs as the whole pipeline (dense
    training plus every retraining epoch), beside the pipeline's dense and pruned nets: does the
    pruned net end where it does only because it trained longer?
+6. ``nothing_pruned`` (LeNet-5): the headline's rounds with every quality set to 0, so that nothing
+   is pruned and only the retraining schedule runs (rewound learning rate, short rounds, dropout
+   and L2 as in the headline): how much of the pruned net's change comes from the schedule alone?
 
 An arm that is a recipe of ``reproduce.py`` is read from its results file in ``docs/results/`` when
 that file holds the seed with the current recipe, instead of being trained again. Run::
 
-    python benchmarks/ablations.py                       # ~90 minutes on 2 CPU cores (3 seeds)
+    python benchmarks/ablations.py                       # ~1.5 h on 2 CPU cores (3 seeds, headline runs cached)
     python benchmarks/ablations.py --only retrain_lr --seeds 0
 """
 
@@ -45,7 +48,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
-ABLATIONS = ("iterative_vs_oneshot", "dropout_adjustment", "local_retraining", "retrain_lr", "dense_control")
+ABLATIONS = (
+    "iterative_vs_oneshot",
+    "dropout_adjustment",
+    "local_retraining",
+    "retrain_lr",
+    "dense_control",
+    "nothing_pruned",
+)
 
 
 def load_reproduce() -> Any:
@@ -248,6 +258,21 @@ def dense_control(r: Runner) -> dict[str, Any]:
             "runs": per_seed,
         }
     return {"what": "dense nets trained as long as the whole pipeline (dense + all retraining epochs)", "nets": nets}
+
+
+def nothing_pruned(r: Runner) -> dict[str, Any]:
+    full = r.reproduce.RECIPES["lenet5"]["full"]
+    control = copy.deepcopy(full)
+    for spec in control.callback["rounds"]:
+        spec["quality"] = dict.fromkeys(spec["quality"], 0.0)
+    return {
+        "net": "lenet5",
+        "what": "the headline's rounds and retraining with every quality 0 (nothing pruned) vs the headline",
+        "arms": [
+            arm("headline (pruned)", r.recipe("lenet5", "full", "LeNet-5 (headline)")),
+            arm("same rounds, nothing pruned", r.run("lenet5", control, "LeNet-5, rounds with quality 0")),
+        ],
+    }
 
 
 def table(name: str, result: dict[str, Any]) -> str:

@@ -9,7 +9,8 @@
   recipe of ``examples/reproduce.py`` (Lightning, ``fit_rounds``): the bimodal distribution of the
   paper's Figure 7.
 - ``rounds.png``: test error against compression after each round of the headline runs, read from
-  ``docs/results/lenet300.json``, ``lenet300_nodropout.json``, ``lenet5.json`` and ``lenet5_local.json``
+  ``docs/results/lenet300.json``, ``lenet300_nodropout.json``, ``lenet5.json``, ``lenet5_local.json`` and
+  ``lenet5_nodropout.json``
   (no training).
 
 The numbers behind the plots go to ``docs/results/figures.json``. Run::
@@ -229,6 +230,7 @@ def rounds_figure() -> dict[str, Any]:
         ("lenet300_nodropout", "tab:orange", ", no dropout"),
         ("lenet5", "tab:blue", ", dropout 0.5"),
         ("lenet5_local", "tab:green", ", dropout 0.5, local retraining"),
+        ("lenet5_nodropout", "tab:purple", ", no dropout"),
     )
     for net, color, what in series:
         path = RESULTS / f"{net}.json"
