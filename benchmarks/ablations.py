@@ -20,6 +20,8 @@ dense phase, so arms are paired comparisons):
 6. ``nothing_pruned`` (LeNet-5): the headline's rounds with every quality set to 0, so that nothing
    is pruned and only the retraining schedule runs (rewound learning rate, short rounds, dropout
    and L2 as in the headline): how much of the pruned net's change comes from the schedule alone?
+7. ``conv_unpruned`` (LeNet-5): the headline's rounds with the conv layers' qualities set to 0 (only
+   fc1 and fc2 pruned, as much as in the headline): is the loss in pruning the conv layers?
 
 An arm that is a recipe of ``reproduce.py`` is read from its results file in ``docs/results/`` when
 that file holds the seed with the current recipe, instead of being trained again. Run::
@@ -55,6 +57,7 @@ ABLATIONS = (
     "retrain_lr",
     "dense_control",
     "nothing_pruned",
+    "conv_unpruned",
 )
 
 
@@ -260,19 +263,35 @@ def dense_control(r: Runner) -> dict[str, Any]:
     return {"what": "dense nets trained as long as the whole pipeline (dense + all retraining epochs)", "nets": nets}
 
 
-def nothing_pruned(r: Runner) -> dict[str, Any]:
-    full = r.reproduce.RECIPES["lenet5"]["full"]
-    control = copy.deepcopy(full)
-    for spec in control.callback["rounds"]:
-        spec["quality"] = dict.fromkeys(spec["quality"], 0.0)
+def with_zero_quality(recipe: Any, layers: tuple[str, ...] | None = None) -> Any:
+    """A copy of ``recipe`` whose rounds give quality 0 (prune nothing) to ``layers`` (all: ``None``)."""
+    copied = copy.deepcopy(recipe)
+    for spec in copied.callback["rounds"]:
+        spec["quality"] = {k: 0.0 if layers is None or k in layers else q for k, q in spec["quality"].items()}
+    return copied
+
+
+def lenet5_spared(r: Runner, layers: tuple[str, ...] | None, what: str, arms: tuple[str, str]) -> dict[str, Any]:
+    """The LeNet-5 headline against the same rounds with ``layers`` (all: ``None``) left unpruned."""
+    control = with_zero_quality(r.reproduce.RECIPES["lenet5"]["full"], layers)
     return {
         "net": "lenet5",
-        "what": "the headline's rounds and retraining with every quality 0 (nothing pruned) vs the headline",
+        "what": what,
         "arms": [
-            arm("headline (pruned)", r.recipe("lenet5", "full", "LeNet-5 (headline)")),
-            arm("same rounds, nothing pruned", r.run("lenet5", control, "LeNet-5, rounds with quality 0")),
+            arm(arms[0], r.recipe("lenet5", "full", "LeNet-5 (headline)")),
+            arm(arms[1], r.run("lenet5", control, f"LeNet-5, quality 0 for {layers or 'every layer'}")),
         ],
     }
+
+
+def nothing_pruned(r: Runner) -> dict[str, Any]:
+    what = "the headline's rounds and retraining with every quality 0 (nothing pruned) vs the headline"
+    return lenet5_spared(r, None, what, ("headline (pruned)", "same rounds, nothing pruned"))
+
+
+def conv_unpruned(r: Runner) -> dict[str, Any]:
+    what = "the headline's rounds with conv1 and conv2 at quality 0 (only fc1, fc2 pruned) vs the headline"
+    return lenet5_spared(r, ("conv1", "conv2"), what, ("headline (all layers pruned)", "conv layers not pruned"))
 
 
 def table(name: str, result: dict[str, Any]) -> str:
