@@ -26,7 +26,7 @@ dense phase, so arms are paired comparisons):
 An arm that is a recipe of ``reproduce.py`` is read from its results file in ``docs/results/`` when
 that file holds the seed with the current recipe, instead of being trained again. Run::
 
-    python benchmarks/ablations.py                       # ~1.5 h on 2 CPU cores (3 seeds, headline runs cached)
+    python benchmarks/ablations.py                       # ~2 h on 2 CPU cores (3 seeds, headline runs cached)
     python benchmarks/ablations.py --only retrain_lr --seeds 0
 """
 
