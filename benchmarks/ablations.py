@@ -70,10 +70,6 @@ def load_reproduce() -> Any:
     return module
 
 
-def results_file(net: str, name: str) -> Path:
-    return RESULTS / (f"{net}.json" if name == "full" else f"{net}_{name}.json")
-
-
 class Runner:
     def __init__(self, reproduce: Any, data_dir: str, seeds: list[int]):
         self.reproduce = reproduce
@@ -82,7 +78,7 @@ class Runner:
 
     def cached(self, net: str, name: str, seed: int) -> dict[str, Any] | None:
         """Seed ``seed`` of recipe ``name``'s results file, if that file was made with the current recipe."""
-        path = results_file(net, name)
+        path = self.reproduce.results_path(net, name)
         if not path.exists():
             return None
         report = json.loads(path.read_text())

@@ -29,9 +29,20 @@ ROWS = (
 )
 
 
+def path_of(net: str, recipe: str) -> Path:
+    return RESULTS / (f"{net}.json" if recipe == "full" else f"{net}_{recipe}.json")
+
+
 def load(net: str, recipe: str) -> dict[str, Any] | None:
-    path = RESULTS / (f"{net}.json" if recipe == "full" else f"{net}_{recipe}.json")
+    path = path_of(net, recipe)
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def required(net: str, recipe: str) -> dict[str, Any]:
+    report = load(net, recipe)
+    if report is None:
+        raise FileNotFoundError(f"{path_of(net, recipe)} does not exist: run examples/reproduce.py for it first.")
+    return report
 
 
 def no_loss(report: dict[str, Any]) -> str:
@@ -69,8 +80,7 @@ def summary() -> str:
 
 
 def per_layer(net: str, recipe: str) -> str:
-    report = load(net, recipe)
-    assert report is not None
+    report = required(net, recipe)
     runs = report["runs"]
     names = list(runs[0]["remaining_pct"])
     seeds = " / ".join(str(s) for s in report["seeds"])
@@ -90,8 +100,7 @@ def per_layer(net: str, recipe: str) -> str:
 
 
 def per_seed(net: str, recipe: str) -> str:
-    report = load(net, recipe)
-    assert report is not None
+    report = required(net, recipe)
     lines = [
         "| seed | dense error | pruned error | change | lost / fixed (McNemar p) | weights after | compression | "
         "wall time |",
@@ -115,8 +124,7 @@ def per_seed(net: str, recipe: str) -> str:
 
 def rounds(net: str, recipe: str) -> str:
     """Per seed: compression and test error after each round."""
-    report = load(net, recipe)
-    assert report is not None
+    report = required(net, recipe)
     lines = []
     for r in report["runs"]:
         steps = ", ".join(f"{p['compression']:.1f}x {p['val_error_pct']:.2f}%" for p in r["rounds"][1:])
@@ -128,9 +136,10 @@ def main() -> None:
     print("## Summary\n")
     print(summary())
     for net, recipe, label in ROWS:
-        if load(net, recipe) is None:
+        report = load(net, recipe)
+        if report is None:
             continue
-        print(f"\n## {label} ({load(net, recipe)['command']})\n")
+        print(f"\n## {label} ({report['command']})\n")
         print(per_layer(net, recipe))
         print()
         print(per_seed(net, recipe))

@@ -288,9 +288,27 @@ def test_mistakes(model: torch.nn.Module, dm: MNISTDataModule, images: int | Non
     return wrong
 
 
+def error_pct(wrong: torch.Tensor) -> float:
+    """The share of ``True`` in ``wrong``, in percent."""
+    return 100.0 * float(wrong.float().mean())
+
+
 def test_error(model: torch.nn.Module, dm: MNISTDataModule, images: int | None = None) -> float:
     """Top-1 error in percent on the first ``images`` (all: ``None``) of the 10,000 MNIST test images."""
-    return 100.0 * float(test_mistakes(model, dm, images).float().mean())
+    return error_pct(test_mistakes(model, dm, images))
+
+
+def mcnemar_p(lost: int, fixed: int) -> float:
+    """Exact two-sided McNemar p (3 significant figures) for ``lost`` and ``fixed`` discordant pairs.
+
+    Example::
+
+        >>> mcnemar_p(0, 6)
+        0.0312
+    """
+    n = lost + fixed
+    tail = sum(math.comb(n, i) for i in range(min(lost, fixed) + 1)) / 2**n
+    return float(f"{min(1.0, 2 * tail):.3g}")
 
 
 def paired_comparison(dense_wrong: torch.Tensor, pruned_wrong: torch.Tensor) -> dict[str, Any]:
@@ -304,9 +322,7 @@ def paired_comparison(dense_wrong: torch.Tensor, pruned_wrong: torch.Tensor) -> 
     """
     lost = int((pruned_wrong & ~dense_wrong).sum())
     fixed = int((dense_wrong & ~pruned_wrong).sum())
-    n = lost + fixed
-    tail = sum(math.comb(n, i) for i in range(min(lost, fixed) + 1)) / 2**n
-    return {"lost": lost, "fixed": fixed, "mcnemar_p": float(f"{min(1.0, 2 * tail):.3g}")}
+    return {"lost": lost, "fixed": fixed, "mcnemar_p": mcnemar_p(lost, fixed)}
 
 
 def quiet_lightning() -> None:
@@ -378,8 +394,8 @@ def run_seed(
     dense.load_state_dict(checkpoint["state_dict"])
     dense_wrong = test_mistakes(dense, dm, recipe.test_images)
     pruned_wrong = test_mistakes(model, dm, recipe.test_images)
-    dense_error = 100.0 * float(dense_wrong.float().mean())
-    pruned_error = 100.0 * float(pruned_wrong.float().mean())
+    dense_error = error_pct(dense_wrong)
+    pruned_error = error_pct(pruned_wrong)
     wall_s = time.perf_counter() - start
 
     assert prune.pruner is not None
@@ -470,8 +486,13 @@ def summarize(net: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "budget_s": paper["budget_s"],
     }
     lost, fixed = (sum(r["test_images"][k] for r in runs) for k in ("lost", "fixed"))
-    pooled = paired_comparison(torch.arange(lost + fixed) >= lost, torch.arange(lost + fixed) < lost)
+    pooled = {"lost": lost, "fixed": fixed, "mcnemar_p": mcnemar_p(lost, fixed)}
     return {"median": median, "targets": targets, "test_images_all_seeds": pooled}
+
+
+def results_path(net: str, recipe: str) -> Path:
+    """Where recipe ``recipe`` of ``net`` writes its results: ``docs/results/<net>[_<recipe>].json``."""
+    return RESULTS / (f"{net}.json" if recipe == "full" else f"{net}_{recipe}.json")
 
 
 def environment() -> dict[str, Any]:
@@ -510,7 +531,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if name not in RECIPES[args.net]:
         parser.error(f"--recipe {name!r} does not exist for {args.net}; choose from {sorted(RECIPES[args.net])}.")
     recipe = RECIPES[args.net][name]
-    out = args.out or RESULTS / (f"{args.net}.json" if name == "full" else f"{args.net}_{name}.json")
+    out = args.out or results_path(args.net, name)
     paper = PAPER[args.net]
     print(
         f"{paper['name']}, recipe {name!r}: {recipe.dense_epochs} dense epochs, "

@@ -32,7 +32,7 @@ def write_results(path: Path, recipe: dict[str, Any], seeds: list[int]) -> None:
 
 
 def test_cached_reads_a_seed_made_with_the_current_recipe(ablations, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(ablations, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys.modules["reproduce"], "RESULTS", tmp_path)
     runner = ablations.Runner(sys.modules["reproduce"], "data", [0, 1])
     recipe = dataclasses.asdict(runner.reproduce.RECIPES["lenet300"]["full"])
     write_results(tmp_path / "lenet300.json", {**recipe, "notes": "older wording"}, [0])
@@ -41,7 +41,7 @@ def test_cached_reads_a_seed_made_with_the_current_recipe(ablations, tmp_path, m
 
 
 def test_cached_accepts_a_file_written_before_a_recipe_field_existed(ablations, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(ablations, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys.modules["reproduce"], "RESULTS", tmp_path)
     runner = ablations.Runner(sys.modules["reproduce"], "data", [0])
     recipe = dataclasses.asdict(runner.reproduce.RECIPES["lenet300"]["push"])
     del recipe["gradient_clip_val"]  # the field's default, as in files from before it was added
@@ -50,7 +50,7 @@ def test_cached_accepts_a_file_written_before_a_recipe_field_existed(ablations, 
 
 
 def test_cached_ignores_a_file_made_with_another_recipe(ablations, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(ablations, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys.modules["reproduce"], "RESULTS", tmp_path)
     runner = ablations.Runner(sys.modules["reproduce"], "data", [0])
     recipe = dataclasses.asdict(runner.reproduce.RECIPES["lenet5"]["full"])
     recipe["gradient_clip_val"] = None

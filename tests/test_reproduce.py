@@ -114,6 +114,15 @@ def test_mcnemar_p_is_symmetric_and_a_probability(reproduce, lost: int, fixed: i
     assert (result["lost"], result["fixed"]) == (lost, fixed)
     swapped = reproduce.paired_comparison(~dense, dense)
     assert swapped["mcnemar_p"] == result["mcnemar_p"] and 0 < result["mcnemar_p"] <= 1
+    assert reproduce.mcnemar_p(lost, fixed) == reproduce.mcnemar_p(fixed, lost) == result["mcnemar_p"]
+
+
+def test_summary_pools_the_image_counts_of_all_seeds(reproduce) -> None:
+    run = {"dense_error_pct": 1.0, "pruned_error_pct": 1.0, "weights_before": 10, "weights_after": 1}
+    run |= {"compression": 10.0, "wall_time_s": 1.0, "remaining_pct": {"total": 10.0}}
+    runs = [{**run, "test_images": {"lost": lost, "fixed": fixed}} for lost, fixed in ((0, 3), (1, 4))]
+    pooled = reproduce.summarize("lenet300", runs)["test_images_all_seeds"]
+    assert pooled == {"lost": 1, "fixed": 7, "mcnemar_p": reproduce.mcnemar_p(1, 7)} and pooled["mcnemar_p"] == 0.0703
 
 
 def test_finished_seeds_are_written_before_a_later_seed_fails(
