@@ -16,6 +16,8 @@ Run::
     python examples/reproduce.py --net lenet5 --seeds 0 1 2 3 4    # headline recipe (~27x), ~7-13 min per seed
     python examples/reproduce.py --net lenet5 --recipe gentle      # 3 rounds (~16x)
     python examples/reproduce.py --net lenet5 --recipe local       # the paper's local retraining (~22x)
+    python examples/reproduce.py --net lenet5 --recipe conv1dense  # conv1 not pruned (~27x)
+    python examples/reproduce.py --net lenet5 --recipe light       # conv1 not pruned, conv2 and fc2 less (~16.5x)
     python examples/reproduce.py --net lenet300 --recipe push      # further than the headline (~27x)
     python examples/reproduce.py --net lenet300 --recipe nodropout # the paper's net, without dropout
     python examples/reproduce.py --net lenet300 --tiny --out /tmp/tiny.json   # seconds: a smoke test
@@ -141,9 +143,65 @@ _L5_ROUNDS = [
 ]
 
 
+# conv1 holds 500 of LeNet-5's 430,500 weights (0.1%): pruning it saves almost nothing, and every later
+# feature is computed from it. "conv1dense" is the full recipe with conv1 left whole; "light" also prunes
+# conv2 less (quality 0.5 instead of 1.3) and the output layer fc2 less (0.7 instead of 1.1), fc1 as in
+# the full recipe, for about 16.5x.
+_L5_CONV1_DENSE = [
+    {**r, "quality": {**r["quality"], "conv1": 0.0}} if "conv1" in r["quality"] else r for r in _L5_ROUNDS
+]
+_L5_LIGHT = [
+    {"layers": ["fc*"], "quality": {"fc1": 1.0, "fc2": 0.3}, "epochs": 2},
+    {"layers": ["conv*"], "quality": {"conv1": 0.0, "conv2": 0.3}, "epochs": 2},
+    {"layers": ["fc*"], "quality": {"fc1": 1.8, "fc2": 0.7}, "epochs": 2},
+    {"layers": ["conv*"], "quality": {"conv1": 0.0, "conv2": 0.5}, "epochs": 2},
+    {"quality": {"conv1": 0.0, "conv2": 0.5, "fc1": 1.8, "fc2": 0.7}, "epochs": 6},
+]
+
+
+# At about 12.6x, two ways to place the weights, by share of each layer pruned (criterion "fraction"):
+# "table2" keeps the paper's Table 2 shares (fc1 7.5% instead of 8%, to clear 12x); "fc1room" leaves
+# conv1 whole and conv2 at 60%, and gives fc1 4.2% (the headline keeps 2.6%).
+def _fraction_rounds(fc: list[dict[str, float]], conv: list[dict[str, float]]) -> list[dict[str, Any]]:
+    """fc, conv, fc, conv, then all layers retrained at the last shares (2, 2, 2, 2, 6 epochs)."""
+    rounds = [
+        {"layers": ["fc*"], "amount": fc[0], "epochs": 2},
+        {"layers": ["conv*"], "amount": conv[0], "epochs": 2},
+        {"layers": ["fc*"], "amount": fc[1], "epochs": 2},
+        {"layers": ["conv*"], "amount": conv[1], "epochs": 2},
+        {"amount": {**conv[1], **fc[1]}, "epochs": 6},
+    ]
+    return [{"criterion": "fraction", **r} for r in rounds]
+
+
+_L5_TABLE2 = _fraction_rounds(
+    fc=[{"fc1": 0.7, "fc2": 0.5}, {"fc1": 0.925, "fc2": 0.81}],
+    conv=[{"conv1": 0.2, "conv2": 0.6}, {"conv1": 0.34, "conv2": 0.88}],
+)
+_L5_FC1ROOM = _fraction_rounds(
+    fc=[{"fc1": 0.7, "fc2": 0.4}, {"fc1": 0.958, "fc2": 0.6}],
+    conv=[{"conv1": 0.0, "conv2": 0.2}, {"conv1": 0.0, "conv2": 0.4}],
+)
+
+
 def local_retraining(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rounds with the paper's local retraining: a round that prunes some layers retrains only those."""
     return [{**r, "train_only": r["layers"]} if "layers" in r else dict(r) for r in rounds]
+
+
+def _lenet5(
+    rounds: list[dict[str, Any]],
+    notes: str,
+    model: dict[str, Any] = _L5_MODEL,
+    dense_epochs: int = 12,
+    min_remaining: float | None = None,
+    **data: Any,
+) -> Recipe:
+    """A LeNet-5 recipe: 12 dense epochs, gradients clipped to norm 10, the shared retraining settings."""
+    callback = {**_L5_CB, **({"min_remaining": min_remaining} if min_remaining is not None else {}), "rounds": rounds}
+    return Recipe(
+        model=model, dense_epochs=dense_epochs, callback=callback, gradient_clip_val=_L5_CLIP, notes=notes, **data
+    )
 
 
 RECIPES: dict[str, dict[str, Recipe]] = {
@@ -190,51 +248,41 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         ),
     },
     "lenet5": {
-        "full": Recipe(
-            model=_L5_MODEL,
-            gradient_clip_val=_L5_CLIP,
-            dense_epochs=12,
-            callback={**_L5_CB, "rounds": _L5_ROUNDS},
-            notes="FC, conv, FC, conv, then all layers pruned; every layer retrains in every round; dropout 0.5.",
+        "full": _lenet5(
+            _L5_ROUNDS, "FC, conv, FC, conv, then all layers pruned; every layer retrains in every round; dropout 0.5."
         ),
-        "gentle": Recipe(
-            model=_L5_MODEL,
-            gradient_clip_val=_L5_CLIP,
-            dense_epochs=12,
-            callback={**_L5_CB, "rounds": [*_L5_ROUNDS[:2], {**_L5_ROUNDS[2], "epochs": 8}]},
-            notes="The full recipe's first 3 rounds (about 16x), the last one 8 epochs long.",
+        "gentle": _lenet5(
+            [*_L5_ROUNDS[:2], {**_L5_ROUNDS[2], "epochs": 8}],
+            "The full recipe's first 3 rounds (about 16x), the last one 8 epochs long.",
         ),
-        "local": Recipe(
-            model=_L5_MODEL,
-            gradient_clip_val=_L5_CLIP,
-            dense_epochs=12,
-            callback={**_L5_CB, "rounds": local_retraining(_L5_ROUNDS)},
-            notes="The full recipe with the paper's local retraining (a round retrains only the layers it prunes).",
+        "local": _lenet5(
+            local_retraining(_L5_ROUNDS),
+            "The full recipe with the paper's local retraining (a round retrains only the layers it prunes).",
         ),
-        "nodropout": Recipe(
-            model={**_L5_MODEL, "dropout": 0.0},
-            gradient_clip_val=_L5_CLIP,
-            dense_epochs=12,
-            callback={**_L5_CB, "rounds": _L5_ROUNDS},
-            notes="The full recipe on the paper's net without dropout.",
+        "conv1dense": _lenet5(_L5_CONV1_DENSE, "The full recipe with conv1 (500 weights) not pruned."),
+        "light": _lenet5(
+            _L5_LIGHT,
+            "conv1 not pruned, conv2 and fc2 pruned less than in the full recipe, fc1 as in it (about 16.5x).",
         ),
-        "quick": Recipe(
-            model=_L5_MODEL,
-            gradient_clip_val=_L5_CLIP,
+        "table2": _lenet5(_L5_TABLE2, "The paper's Table 2 share per layer (fc1 7.5%), pruned by share (about 12.6x)."),
+        "fc1room": _lenet5(_L5_FC1ROOM, "conv1 whole, conv2 60%, fc1 4.2%, fc2 40%, pruned by share (about 12.6x)."),
+        "nodropout": _lenet5(
+            _L5_ROUNDS, "The full recipe on the paper's net without dropout.", model={**_L5_MODEL, "dropout": 0.0}
+        ),
+        "quick": _lenet5(
+            [{**r, "epochs": 1} for r in _L5_ROUNDS],
+            "The full recipe's qualities with one epoch per phase.",
             dense_epochs=3,
-            callback={**_L5_CB, "rounds": [{**r, "epochs": 1} for r in _L5_ROUNDS]},
-            notes="The full recipe's qualities with one epoch per phase.",
         ),
-        "tiny": Recipe(
-            model=_L5_MODEL,
-            gradient_clip_val=_L5_CLIP,
+        "tiny": _lenet5(
+            [{**r, "epochs": 1} for r in _L5_ROUNDS[:2]],
+            "Smoke test: 1,024 training images, 1,000 test images, the first two rounds.",
             dense_epochs=1,
-            callback={**_L5_CB, "min_remaining": 0.01, "rounds": [{**r, "epochs": 1} for r in _L5_ROUNDS[:2]]},
+            min_remaining=0.01,
             batch_size=64,
             subset=1024,
             limit_val_batches=1,
             test_images=1000,
-            notes="Smoke test: 1,024 training images, 1,000 test images, the first two rounds.",
         ),
     },
 }
@@ -516,7 +564,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mode.add_argument(
         "--recipe",
         default=None,
-        help="a recipe of RECIPES[net]: full, quick, tiny, gentle, nodropout; lenet300: push; lenet5: local",
+        help="a recipe of RECIPES[net]: full, quick, tiny, gentle, nodropout; lenet300: push; "
+        "lenet5: local, conv1dense, light",
     )
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR", "data"), help="MNIST root folder")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default docs/results/<net>[_mode].json)")

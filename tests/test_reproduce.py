@@ -167,3 +167,42 @@ def test_gentle_lenet5_is_the_full_recipe_stopped_after_round_3(reproduce) -> No
     full, gentle = (reproduce.RECIPES["lenet5"][k].callback["rounds"] for k in ("full", "gentle"))
     assert gentle[:2] == full[:2]
     assert {**gentle[2], "epochs": full[2]["epochs"]} == full[2] and gentle[2]["epochs"] == 8
+
+
+def test_conv1dense_lenet5_is_the_full_recipe_with_conv1_unpruned(reproduce) -> None:
+    full, spared = (reproduce.RECIPES["lenet5"][k].callback["rounds"] for k in ("full", "conv1dense"))
+    assert len(spared) == len(full)
+    for f, s in zip(full, spared, strict=True):
+        assert s["quality"].get("conv1", 0.0) == 0.0
+        assert {**s, "quality": {k: q for k, q in s["quality"].items() if k != "conv1"}} == {
+            **f,
+            "quality": {k: q for k, q in f["quality"].items() if k != "conv1"},
+        }
+
+
+def test_light_lenet5_prunes_conv1_never_and_conv2_fc2_less_than_full(reproduce) -> None:
+    full, light = (reproduce.RECIPES["lenet5"][k].callback["rounds"] for k in ("full", "light"))
+    assert [r.get("layers") for r in light] == [r.get("layers") for r in full]
+    assert [r["epochs"] for r in light] == [r["epochs"] for r in full]
+    for f, g in zip(full, light, strict=True):
+        assert g["quality"].keys() == f["quality"].keys()
+        assert g["quality"].get("conv1", 0.0) == 0.0
+        assert g["quality"].get("fc1") == f["quality"].get("fc1")
+        for layer in ("conv2", "fc2"):
+            if layer in f["quality"]:
+                assert g["quality"][layer] < f["quality"][layer]
+
+
+@pytest.mark.parametrize(
+    ("name", "remaining"),
+    [
+        ("table2", {"conv1": 0.66, "conv2": 0.12, "fc1": 0.075, "fc2": 0.19}),
+        ("fc1room", {"conv1": 1.0, "conv2": 0.6, "fc1": 0.042, "fc2": 0.4}),
+    ],
+)
+def test_lenet5_share_recipes_end_at_their_shares_above_12x(reproduce, name, remaining) -> None:
+    rounds = reproduce.RECIPES["lenet5"][name].callback["rounds"]
+    assert {r["criterion"] for r in rounds} == {"fraction"}
+    assert rounds[-1]["amount"] == pytest.approx({k: 1 - v for k, v in remaining.items()})
+    weights = {"conv1": 500, "conv2": 25_000, "fc1": 400_000, "fc2": 5_000}
+    assert sum(weights.values()) / sum(weights[k] * v for k, v in remaining.items()) > 12.5
