@@ -26,6 +26,10 @@ ROWS = (
     ("lenet5", "gentle", "LeNet-5, ours, 3 rounds"),
     ("lenet5", "local", "LeNet-5, ours, paper's local retraining"),
     ("lenet5", "nodropout", "LeNet-5, ours, no dropout (paper's net)"),
+    ("lenet5", "conv1dense", "LeNet-5, ours, conv1 not pruned"),
+    ("lenet5", "light", "LeNet-5, ours, conv1 not pruned, conv2 and fc2 less"),
+    ("lenet5", "table2", "LeNet-5, ours, the paper's Table 2 shares"),
+    ("lenet5", "fc1room", "LeNet-5, ours, 12.6x with conv1 whole and fc1 at 4.2%"),
 )
 
 
@@ -132,9 +136,39 @@ def rounds(net: str, recipe: str) -> str:
     return "\n".join(lines)
 
 
+LENET5_PLACEMENTS = ("full", "conv1dense", "gentle", "light", "table2", "fc1room")
+
+
+def changes_per_seed(net: str, recipes: tuple[str, ...]) -> str:
+    """One row per recipe: where its weights are, each seed's change against its own dense net, the pooled counts."""
+    reports = {name: r for name in recipes if (r := load(net, name)) is not None}
+    if not reports:
+        return ""
+    seeds = sorted({s for r in reports.values() for s in r["seeds"]})
+    layers = [k for k in next(iter(reports.values()))["median"]["remaining_pct"] if k != "total"]
+    lines = [
+        f"| recipe | compression | {' / '.join(k.removesuffix('.weight') for k in layers)} left | "
+        + " | ".join(f"seed {s}" for s in seeds)
+        + " | median | lost / fixed (McNemar p) |",
+        "|---|---:|---|" + "---:|" * len(seeds) + "---:|---|",
+    ]
+    for name, report in reports.items():
+        by_seed = {r["seed"]: r["pruned_error_pct"] - r["dense_error_pct"] for r in report["runs"]}
+        m, pooled = report["median"], report["test_images_all_seeds"]
+        left = " / ".join(f"{m['remaining_pct'][k]:.3g}%" for k in layers)
+        cells = " | ".join(f"{by_seed[s]:+.2f}" if s in by_seed else "-" for s in seeds)
+        lines.append(
+            f"| `{name}` | {m['compression']:.1f}x | {left} | {cells} | {m['error_change_pct_points']:+.2f} | "
+            f"{pooled['lost']} / {pooled['fixed']} ({pooled['mcnemar_p']:.2g}) |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     print("## Summary\n")
     print(summary())
+    print("\n## LeNet-5: where the weights go (change against each seed's own dense net)\n")
+    print(changes_per_seed("lenet5", LENET5_PLACEMENTS))
     for net, recipe, label in ROWS:
         report = load(net, recipe)
         if report is None:
