@@ -80,6 +80,11 @@ def main() -> None:
     rank = int(torch.distributed.get_rank()) if torch.distributed.is_initialized() else 0
     result.update(masks=checksums(prune), done_rounds=prune.done_rounds, rank=rank)
     (out / f"{mode}-rank{rank}.json").write_text(json.dumps(result))
+    if torch.distributed.is_initialized():
+        # Lightning leaves the gloo group alive; torn down at interpreter exit, its threads can abort the
+        # process ("terminate called without an active exception", exit code -6) after a finished fit
+        # (pytorch/pytorch#190489). Seen once in CI on 2026-12-01.
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
