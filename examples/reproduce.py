@@ -18,6 +18,8 @@ Run::
     python examples/reproduce.py --net lenet5 --recipe local       # the paper's local retraining (~22x)
     python examples/reproduce.py --net lenet5 --recipe conv1dense  # conv1 not pruned (~27x)
     python examples/reproduce.py --net lenet5 --recipe light       # conv1 not pruned, conv2 and fc2 less (~16.5x)
+    python examples/reproduce.py --net lenet5 --recipe table2      # the paper's Table 2 share per layer (~12.6x)
+    python examples/reproduce.py --net lenet5 --recipe fc1room     # 12.6x: conv1 whole, conv2 60%, fc1 4.2%
     python examples/reproduce.py --net lenet300 --recipe push      # further than the headline (~27x)
     python examples/reproduce.py --net lenet300 --recipe nodropout # the paper's net, without dropout
     python examples/reproduce.py --net lenet300 --tiny --out /tmp/tiny.json   # seconds: a smoke test
@@ -565,7 +567,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--recipe",
         default=None,
         help="a recipe of RECIPES[net]: full, quick, tiny, gentle, nodropout; lenet300: push; "
-        "lenet5: local, conv1dense, light",
+        "lenet5: local, conv1dense, light, table2, fc1room",
     )
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR", "data"), help="MNIST root folder")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default docs/results/<net>[_mode].json)")
