@@ -259,17 +259,11 @@ def dense_control(r: Runner) -> dict[str, Any]:
     return {"what": "dense nets trained as long as the whole pipeline (dense + all retraining epochs)", "nets": nets}
 
 
-def with_zero_quality(recipe: Any, layers: tuple[str, ...] | None = None) -> Any:
-    """A copy of ``recipe`` whose rounds give quality 0 (prune nothing) to ``layers`` (all: ``None``)."""
-    copied = copy.deepcopy(recipe)
-    for spec in copied.callback["rounds"]:
-        spec["quality"] = {k: 0.0 if layers is None or k in layers else q for k, q in spec["quality"].items()}
-    return copied
-
-
 def lenet5_spared(r: Runner, layers: tuple[str, ...] | None, what: str, arms: tuple[str, str]) -> dict[str, Any]:
     """The LeNet-5 headline against the same rounds with ``layers`` (all: ``None``) left unpruned."""
-    control = with_zero_quality(r.reproduce.RECIPES["lenet5"]["full"], layers)
+    headline = r.reproduce.RECIPES["lenet5"]["full"]
+    rounds = r.reproduce.zero_quality(headline.callback["rounds"], layers)
+    control = dataclasses.replace(headline, callback={**headline.callback, "rounds": rounds})
     return {
         "net": "lenet5",
         "what": what,

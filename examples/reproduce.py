@@ -145,13 +145,23 @@ _L5_ROUNDS = [
 ]
 
 
+def zero_quality(rounds: list[dict[str, Any]], layers: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Copies of ``rounds`` giving quality 0 (prune nothing) to ``layers`` (every layer: ``None``).
+
+    Example::
+
+        >>> zero_quality([{"quality": {"conv1": 0.5, "fc1": 1.8}, "epochs": 2}], ("conv1",))
+        [{'quality': {'conv1': 0.0, 'fc1': 1.8}, 'epochs': 2}]
+    """
+    spared = [{k: 0.0 if layers is None or k in layers else q for k, q in r["quality"].items()} for r in rounds]
+    return [{**copy.deepcopy(r), "quality": quality} for r, quality in zip(rounds, spared, strict=True)]
+
+
 # conv1 holds 500 of LeNet-5's 430,500 weights (0.1%): pruning it saves almost nothing, and every later
 # feature is computed from it. "conv1dense" is the full recipe with conv1 left whole; "light" also prunes
 # conv2 less (quality 0.5 instead of 1.3) and the output layer fc2 less (0.7 instead of 1.1), fc1 as in
 # the full recipe, for about 16.5x.
-_L5_CONV1_DENSE = [
-    {**r, "quality": {**r["quality"], "conv1": 0.0}} if "conv1" in r["quality"] else r for r in _L5_ROUNDS
-]
+_L5_CONV1_DENSE = zero_quality(_L5_ROUNDS, ("conv1",))
 _L5_LIGHT = [
     {"layers": ["fc*"], "quality": {"fc1": 1.0, "fc2": 0.3}, "epochs": 2},
     {"layers": ["conv*"], "quality": {"conv1": 0.0, "conv2": 0.3}, "epochs": 2},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -206,3 +207,15 @@ def test_lenet5_share_recipes_end_at_their_shares_above_12x(reproduce, name, rem
     assert rounds[-1]["amount"] == pytest.approx({k: 1 - v for k, v in remaining.items()})
     weights = {"conv1": 500, "conv2": 25_000, "fc1": 400_000, "fc2": 5_000}
     assert sum(weights.values()) / sum(weights[k] * v for k, v in remaining.items()) > 12.5
+
+
+def test_zero_quality_spares_only_the_named_layers(reproduce) -> None:
+    headline = reproduce.RECIPES["lenet5"]["full"]
+    before = copy.deepcopy(headline.callback["rounds"])
+    control = reproduce.zero_quality(headline.callback["rounds"], ("conv1", "conv2"))
+    for spec, original in zip(control, headline.callback["rounds"], strict=True):
+        for layer, quality in spec["quality"].items():
+            assert quality == (0.0 if layer.startswith("conv") else original["quality"][layer])
+        assert {**spec, "quality": original["quality"]} == original
+    assert headline.callback["rounds"] == before
+    assert all(q == 0.0 for spec in reproduce.zero_quality(before) for q in spec["quality"].values())
