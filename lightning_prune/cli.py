@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from lightning_prune.callback import PruneRetrainCallback
@@ -73,10 +74,18 @@ class PruneCLI(LightningCLI):
 def main(args: ArgsType = None) -> None:
     """Entry point of the ``lightning-prune`` console script.
 
+    Under ``ddp`` the process group Lightning opened is destroyed before returning: left to the
+    interpreter's exit, the gloo teardown can abort a finished run (exit code -6,
+    pytorch/pytorch#190489).
+
     Args:
         args: Command-line arguments (``None``: ``sys.argv``), or a dict/list as ``LightningCLI`` takes.
     """
-    PruneCLI(args=args)
+    try:
+        PruneCLI(args=args)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -168,6 +168,24 @@ def test_console_script_fit_under_ddp(tmp_path):
 CONFIGS = sorted((HERE.parent / "examples" / "configs").glob("*.yaml"))
 
 
+def test_main_destroys_the_process_group_the_run_opened(tmp_path, monkeypatch):
+    """A gloo group left open to interpreter exit can abort a finished ddp run (pytorch#190489)."""
+    opened = []
+
+    def open_group(args=None):
+        store = f"file://{tmp_path}/store"
+        torch.distributed.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+        opened.append(torch.distributed.is_initialized())
+        if args == ["fail"]:
+            raise RuntimeError("fit failed")
+
+    monkeypatch.setattr("lightning_prune.cli.PruneCLI", open_group)
+    main([])
+    with pytest.raises(RuntimeError, match="fit failed"):
+        main(["fail"])
+    assert opened == [True, True] and not torch.distributed.is_initialized()
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_example_configs_run(tmp_path, path):
     pytest.importorskip("zarr")
