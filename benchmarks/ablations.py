@@ -24,7 +24,11 @@ dense phase, so arms are paired comparisons):
    fc1 and fc2 pruned, as much as in the headline): is the loss in pruning the conv layers?
 
 An arm that is a recipe of ``reproduce.py`` is read from its results file in ``docs/results/`` when
-that file holds the seed with the current recipe, instead of being trained again. Run::
+that file holds the seed with the current recipe, instead of being trained again; any other arm's
+seed is read from ``docs/results/ablations.json`` when an earlier run there trained the same net and
+recipe (the same ``recipe_key``). So ``--seeds 0 1 2 3 4`` after a run of ``--seeds 0 1 2`` trains
+only seeds 3 and 4. Each ablation is written into the file as soon as it ends, keeping the others
+(re-read just before writing: two runs of different ablations can go side by side). Run::
 
     python benchmarks/ablations.py                       # ~2 h on 2 CPU cores (3 seeds, headline runs cached)
     python benchmarks/ablations.py --only retrain_lr --seeds 0
@@ -35,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import shlex
@@ -70,11 +75,35 @@ def load_reproduce() -> Any:
     return module
 
 
+def recipe_key(net: str, recipe: Any) -> str:
+    """A short hash of ``net`` and ``recipe`` (its notes aside): two runs with one key trained the same thing.
+
+    Example::
+
+        >>> r = load_reproduce().RECIPES["lenet5"]["full"]
+        >>> recipe_key("lenet5", r) == recipe_key("lenet5", dataclasses.replace(r, notes="reworded"))
+        True
+    """
+    fields = {**dataclasses.asdict(recipe), "notes": ""}
+    text = json.dumps({"net": net, "recipe": fields}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class Runner:
-    def __init__(self, reproduce: Any, data_dir: str, seeds: list[int]):
+    def __init__(self, reproduce: Any, data_dir: str, seeds: list[int], previous: dict[str, Any] | None = None):
         self.reproduce = reproduce
         self.data_dir = data_dir
         self.seeds = seeds
+        self.previous = previous or {}
+
+    def reused(self, key: str, seed: int) -> dict[str, Any] | None:
+        """Seed ``seed`` of a run with recipe key ``key`` in ``previous`` (an earlier ablations.json), if any."""
+        for name, ablation in self.previous.items():
+            for earlier in ablation.get("arms", []):
+                for run in earlier["runs"]:
+                    if run.get("recipe_key") == key and run["seed"] == seed:
+                        return {**run, "source": f"docs/results/ablations.json ({name}: {ablation['command']})"}
+        return None
 
     def cached(self, net: str, name: str, seed: int) -> dict[str, Any] | None:
         """Seed ``seed`` of recipe ``name``'s results file, if that file was made with the current recipe."""
@@ -91,14 +120,20 @@ class Runner:
                 return {**run, "source": f"docs/results/{path.name} (command: {report['command']})"}
         return None
 
-    def run(self, net: str, recipe: Any, label: str, name: str | None = None) -> list[dict[str, Any]]:
-        """One run per seed of ``recipe`` (of the named recipe, read from its results file where it can be)."""
+    def run(
+        self, net: str, recipe: Any, label: str, name: str | None = None, seeds: list[int] | None = None
+    ) -> list[dict[str, Any]]:
+        """One run per seed (``self.seeds`` unless given) of ``recipe``, reusing earlier runs where it can.
+
+        A named recipe's seed is read from its results file, any other recipe's from ``previous``.
+        """
+        key = recipe_key(net, recipe)
         runs = []
-        for seed in self.seeds:
-            cached = self.cached(net, name, seed) if name is not None else None
+        for seed in self.seeds if seeds is None else seeds:
+            cached = self.cached(net, name, seed) if name is not None else self.reused(key, seed)
             if cached is not None:
                 print(f"-- {label}, seed {seed}: from {cached['source']}", flush=True)
-                runs.append(cached)
+                runs.append({**cached, "recipe_key": key})
                 continue
             print(f"-- {label}, seed {seed}", flush=True)
             with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +143,7 @@ class Runner:
                 f"{run['compression']:.1f}x, {run['wall_time_s']:.0f} s",
                 flush=True,
             )
-            runs.append({k: v for k, v in run.items() if not k.startswith("_")})
+            runs.append({**{k: v for k, v in run.items() if not k.startswith("_")}, "recipe_key": key})
         return runs
 
     def recipe(self, net: str, name: str, label: str) -> list[dict[str, Any]]:
@@ -143,7 +178,15 @@ class Runner:
 
 def arm(name: str, runs: list[dict[str, Any]], **what: Any) -> dict[str, Any]:
     """An arm's per-seed results and their medians."""
-    keep = ("seed", "dense_error_pct", "pruned_error_pct", "compression", "weights_after", "remaining_pct")
+    keep = (
+        "seed",
+        "recipe_key",
+        "dense_error_pct",
+        "pruned_error_pct",
+        "compression",
+        "weights_after",
+        "remaining_pct",
+    )
     per_seed = [
         {**{k: r[k] for k in keep}, "change": round(r["pruned_error_pct"] - r["dense_error_pct"], 3)} for r in runs
     ]
@@ -172,9 +215,7 @@ def iterative_vs_oneshot(r: Runner) -> dict[str, Any]:
         amounts.pop("total")
         oneshot = copy.deepcopy(full)
         oneshot.callback["rounds"] = [{"criterion": "fraction", "amount": amounts, "epochs": full.retrain_epochs}]
-        (single,) = Runner(r.reproduce, r.data_dir, [seed]).run(
-            "lenet300", oneshot, "LeNet-300-100, one-shot to the same per-layer sparsity"
-        )
+        (single,) = r.run("lenet300", oneshot, "LeNet-300-100, one-shot to the same per-layer sparsity", seeds=[seed])
         oneshot_runs.append(single)
     rounds = len(full.callback["rounds"])
     return {
@@ -310,6 +351,18 @@ def table(name: str, result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def read_report(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save(path: Path, name: str, result: dict[str, Any]) -> None:
+    """Write ablation ``name`` into the report at ``path``, re-read first so that other ablations written since stay."""
+    report = read_report(path)
+    report[name] = result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=ABLATIONS, nargs="+", default=None)
@@ -320,9 +373,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     reproduce = load_reproduce()
     reproduce.quiet_lightning()
-    runner = Runner(reproduce, args.data_dir, args.seeds)
     path = RESULTS / "ablations.json"
-    report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    runner = Runner(reproduce, args.data_dir, args.seeds, previous=read_report(path))
     for name in args.only or ABLATIONS:
         start = time.perf_counter()
         result = globals()[name](runner)
@@ -332,9 +384,7 @@ def main() -> None:
             wall_time_s=round(time.perf_counter() - start, 1),
             **reproduce.environment(),
         )
-        report[name] = result
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        save(path, name, result)
         print(f"\n{name} (median over seeds {', '.join(map(str, args.seeds))}):\n{table(name, result)}\n", flush=True)
     print(f"wrote {path}")
 

@@ -23,6 +23,8 @@ Run::
     python examples/reproduce.py --net lenet300 --recipe push      # further than the headline (~27x)
     python examples/reproduce.py --net lenet300 --recipe nodropout # the paper's net, without dropout
     python examples/reproduce.py --net lenet300 --tiny --out /tmp/tiny.json   # seconds: a smoke test
+    python examples/reproduce.py --net lenet5 --recipe fc1room --seeds 5 6 --out /tmp/more.json
+    python examples/reproduce.py --merge docs/results/lenet5_fc1room.json /tmp/more.json  # seeds 0-6 in one file
 
 MNIST is read offline (see :class:`lightning_prune.data.MNISTDataModule`); ``--data-dir`` is where
 its IDX files live or are written. On a shared CPU, keep ``--threads 1``: two intra-op threads on two
@@ -566,6 +568,66 @@ def environment() -> dict[str, Any]:
     }
 
 
+_MERGE_MUST_MATCH = ("net", "recipe_name", "machine", "torch", "lightning", "python")
+
+
+def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results report from reports of the same net and recipe run on different seeds.
+
+    A seed's run is deterministic on one machine, so seeds run by separate commands (side by side, or
+    after an interruption) can be merged by seed. The merged report gives the one command that runs
+    them all, keeps each command that ran and the seeds it gave in ``commands_run``, and has its
+    medians and targets recomputed over all seeds.
+
+    Example::
+
+        python examples/reproduce.py --net lenet5 --seeds 5 6 --out /tmp/b.json
+        python examples/reproduce.py --merge docs/results/lenet5.json /tmp/b.json   # seeds 0-4 and 5, 6
+
+    Raises:
+        ValueError: if the reports differ in net, recipe (its notes aside), machine or versions, or
+            two of them hold the same seed.
+    """
+    first = reports[0]
+    for other in reports[1:]:
+        for key in _MERGE_MUST_MATCH:
+            if other.get(key) != first.get(key):
+                raise ValueError(
+                    f"cannot merge results with different {key}: {first.get(key)!r} and {other.get(key)!r}; "
+                    f"merged reports must share {', '.join(_MERGE_MUST_MATCH)} and the recipe"
+                )
+        if Recipe(**{**other["recipe"], "notes": ""}) != Recipe(**{**first["recipe"], "notes": ""}):
+            raise ValueError(f"cannot merge results of different recipes: {first['recipe']} and {other['recipe']}")
+    runs: dict[int, dict[str, Any]] = {}
+    commands_run = []
+    for report in reports:
+        for run in report["runs"]:
+            if run["seed"] in runs:
+                raise ValueError(f"seed {run['seed']} is in more than one of the reports to merge; each seed once")
+            runs[run["seed"]] = run
+        commands_run += report.get("commands_run") or [{"command": report["command"], "seeds_kept": report["seeds"]}]
+    seeds = sorted(runs)
+    net, name = first["net"], first["recipe_name"]
+    command = ["python", "examples/reproduce.py", "--net", net, *(["--recipe", name] if name != "full" else [])]
+    return {
+        "net": net,
+        "network": first["network"],
+        "recipe_name": name,
+        "command": shlex.join([*command, "--seeds", *map(str, seeds)]),
+        "commands_run": commands_run,
+        "command_note": "seeds run by the commands in commands_run on the same machine and code, merged by seed "
+        "(a seed's run is deterministic on one machine)",
+        **{k: first[k] for k in ("torch", "lightning", "python", "machine", "torch_threads") if k in first},
+        "date": max(r["date"] for r in reports),
+        "seeds": seeds,
+        "complete": all(r.get("complete", True) for r in reports),
+        "recipe": reports[-1]["recipe"],
+        "paper": first["paper"],
+        **summarize(net, [runs[s] for s in seeds]),
+        "runs": [runs[s] for s in seeds],
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--net", choices=sorted(NETS), default="lenet300")
@@ -584,7 +646,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="keep phase checkpoints here")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is best on a busy CPU)")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="train nothing: merge these results files (one net and recipe, other seeds) into --out "
+        "(default: the recipe's results file)",
+    )
     args = parser.parse_args(argv)
+    if args.merge is not None:
+        report = merge_reports([json.loads(path.read_text()) for path in args.merge])
+        out = args.out or results_path(report["net"], report["recipe_name"])
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print_summary(report)
+        print(f"wrote {out} (seeds {', '.join(map(str, report['seeds']))})")
+        return report
 
     torch.set_num_threads(args.threads)
     quiet_lightning()
@@ -636,13 +714,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runs.append({k: v for k, v in run.items() if not k.startswith("_")})
             report = write(runs)
 
-    summary = {k: report[k] for k in ("median", "targets", "test_images_all_seeds")}
-    med = summary["median"]
+    print_summary(report)
+    print(f"wrote {out}")
+    return report
 
-    which = "median of seeds " + ", ".join(map(str, args.seeds)) if len(runs) > 1 else f"seed {args.seeds[0]}"
+
+def print_summary(report: dict[str, Any]) -> None:
+    """The per-layer table beside the paper's, and the medians over seeds with the targets they meet."""
+    net, runs = report["net"], report["runs"]
+    paper = PAPER[net]
+    med = report["median"]
+    seeds = report["seeds"]
+    which = "median of seeds " + ", ".join(map(str, seeds)) if len(runs) > 1 else f"seed {seeds[0]}"
     print()
     print(f"{paper['name']} (Table 2 of the paper vs this run, {which}):")
-    print(comparison_table(args.net, runs))
+    print(comparison_table(net, runs))
     print(
         f"test error: dense {med['dense_error_pct']:.2f}% -> pruned {med['pruned_error_pct']:.2f}% "
         f"(paper {paper['dense_error_pct']:.2f}% -> {paper['pruned_error_pct']:.2f}%); median change per seed "
@@ -653,14 +739,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"(paper {paper['weights_before'] // 1000}K -> {paper['weights_after'] // 1000}K, {paper['compression']}x); "
         f"wall time {med['wall_time_s']:.0f} s per seed"
     )
-    pooled = summary["test_images_all_seeds"]
+    pooled = report["test_images_all_seeds"]
     print(
         f"test images the pruned nets got wrong and their dense nets right: {pooled['lost']}; the reverse: "
         f"{pooled['fixed']} (all seeds; McNemar p = {pooled['mcnemar_p']})"
     )
-    print(f"targets: {json.dumps(summary['targets'])}")
-    print(f"wrote {out}")
-    return report
+    print(f"targets: {json.dumps(report['targets'])}")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def test_nothing_pruned_runs_the_headline_rounds_at_quality_zero(ablations, monk
 
     def fake_run(net, recipe, label, name=None):
         seen[name or "control"] = recipe
-        return [{**run, "remaining_pct": {}}]
+        return [{**run, "remaining_pct": {}, "recipe_key": ablations.recipe_key(net, recipe)}]
 
     monkeypatch.setattr(runner, "run", fake_run)
     result = ablations.nothing_pruned(runner)
@@ -78,3 +78,60 @@ def test_nothing_pruned_runs_the_headline_rounds_at_quality_zero(ablations, monk
     assert [set(r["quality"].values()) for r in control.callback["rounds"]] == [{0.0}] * len(rounds)
     assert [r["epochs"] for r in control.callback["rounds"]] == [r["epochs"] for r in headline.callback["rounds"]]
     assert dataclasses.replace(control, callback=headline.callback) == headline
+
+
+def test_recipe_key_ignores_notes_and_tells_recipes_and_nets_apart(ablations) -> None:
+    full = sys.modules["reproduce"].RECIPES["lenet5"]["full"]
+    key = ablations.recipe_key("lenet5", full)
+    assert key == ablations.recipe_key("lenet5", dataclasses.replace(full, notes="other words"))
+    assert key != ablations.recipe_key("lenet5", dataclasses.replace(full, dense_epochs=13))
+    assert key != ablations.recipe_key("lenet300", full)
+
+
+def fake_run_seed(trained: list[int]):
+    def run_seed(net, recipe, seed, data_dir, checkpoint_dir, echo=True):
+        trained.append(seed)
+        return {
+            "seed": seed,
+            "dense_error_pct": 0.7,
+            "pruned_error_pct": 0.6,
+            "compression": 1.0,
+            "weights_after": 10,
+            "remaining_pct": {"total": 100.0},
+            "wall_time_s": 1.0,
+            "_pruned": object(),
+        }
+
+    return run_seed
+
+
+def test_run_trains_only_the_seeds_no_earlier_run_of_the_same_recipe_has(ablations, monkeypatch) -> None:
+    reproduce = sys.modules["reproduce"]
+    control = dataclasses.replace(reproduce.RECIPES["lenet5"]["full"], dense_epochs=1)
+    key = ablations.recipe_key("lenet5", control)
+    earlier = {"seed": 1, "recipe_key": key, "dense_error_pct": 0.5, "pruned_error_pct": 0.4, "compression": 1.0}
+    earlier |= {"weights_after": 10, "remaining_pct": {"total": 100.0}, "change": -0.1}
+    other = {**earlier, "seed": 2, "recipe_key": "another recipe"}
+    previous = {"nothing_pruned": {"command": "python benchmarks/ablations.py", "arms": [{"runs": [earlier, other]}]}}
+    trained: list[int] = []
+    monkeypatch.setattr(reproduce, "run_seed", fake_run_seed(trained))
+    runs = ablations.Runner(reproduce, "data", [0, 1, 2], previous=previous).run("lenet5", control, "control")
+    assert trained == [0, 2]
+    assert [r["seed"] for r in runs] == [0, 1, 2] and {r["recipe_key"] for r in runs} == {key}
+    assert runs[1]["pruned_error_pct"] == 0.4 and "nothing_pruned" in runs[1]["source"]
+    assert all(not k.startswith("_") for r in runs for k in r)
+    per_seed = ablations.arm("control", runs)["runs"]
+    assert [r["recipe_key"] for r in per_seed] == [key] * 3
+
+
+def test_save_keeps_the_ablations_written_since_the_run_began(ablations, tmp_path) -> None:
+    path = tmp_path / "ablations.json"
+    path.write_text(json.dumps({"retrain_lr": {"arms": []}}))
+    runner_started_with = ablations.read_report(path)
+    path.write_text(json.dumps({"retrain_lr": {"arms": []}, "conv_unpruned": {"arms": [1]}}))
+    ablations.save(path, "nothing_pruned", {"arms": [2]})
+    report = json.loads(path.read_text())
+    assert set(report) == {"retrain_lr", "conv_unpruned", "nothing_pruned"} and runner_started_with.keys() == {
+        "retrain_lr"
+    }
+    assert report["nothing_pruned"] == {"arms": [2]}

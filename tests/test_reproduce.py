@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import os
@@ -219,3 +220,67 @@ def test_zero_quality_spares_only_the_named_layers(reproduce) -> None:
         assert {**spec, "quality": original["quality"]} == original
     assert headline.callback["rounds"] == before
     assert all(q == 0.0 for spec in reproduce.zero_quality(before) for q in spec["quality"].values())
+
+
+def results_report(reproduce, seeds: list[int], **fields) -> dict:
+    """A results report (as ``main`` writes it) of the tiny LeNet-300-100 recipe, without training."""
+    runs = []
+    for seed in seeds:
+        run = {"seed": seed, "dense_error_pct": 1.0, "pruned_error_pct": 1.0 + seed / 10, "weights_before": 10}
+        run |= {"weights_after": 1, "compression": 10.0, "wall_time_s": 1.0 + seed, "remaining_pct": {"total": 10.0}}
+        runs.append({**run, "test_images": {"lost": seed, "fixed": 1}})
+    report = {
+        "net": "lenet300",
+        "network": "LeNet-300-100",
+        "recipe_name": "tiny",
+        "command": f"python examples/reproduce.py --net lenet300 --tiny --seeds {' '.join(map(str, seeds))}",
+        "torch": "2",
+        "lightning": "2",
+        "python": "3",
+        "machine": "x86_64 CPU",
+        "date": f"2026-12-0{1 + seeds[0]}T00:00:00+00:00",
+        "seeds": seeds,
+        "complete": True,
+        "recipe": dataclasses.asdict(reproduce.RECIPES["lenet300"]["tiny"]),
+        "paper": {},
+        **reproduce.summarize("lenet300", runs),
+        "runs": runs,
+    }
+    return {**report, **fields}
+
+
+def test_merge_reports_joins_seeds_and_recomputes_the_medians(reproduce) -> None:
+    merged = reproduce.merge_reports([results_report(reproduce, [2, 3]), results_report(reproduce, [0, 1])])
+    assert merged["seeds"] == [0, 1, 2, 3] and [r["seed"] for r in merged["runs"]] == [0, 1, 2, 3]
+    assert merged["command"] == "python examples/reproduce.py --net lenet300 --recipe tiny --seeds 0 1 2 3"
+    assert [c["seeds_kept"] for c in merged["commands_run"]] == [[2, 3], [0, 1]]
+    assert merged["median"]["error_change_pct_points"] == pytest.approx(0.15)
+    assert merged["median"]["wall_time_s"] == 2.5
+    assert merged["test_images_all_seeds"]["lost"] == 6 and merged["test_images_all_seeds"]["fixed"] == 4
+    assert merged["date"] == "2026-12-03T00:00:00+00:00" and merged["complete"] is True
+    again = reproduce.merge_reports([merged, results_report(reproduce, [4])])
+    assert [c["seeds_kept"] for c in again["commands_run"]] == [[2, 3], [0, 1], [4]]
+    assert again["seeds"] == [0, 1, 2, 3, 4]
+
+
+def test_merge_reports_refuses_shared_seeds_other_recipes_and_machines(reproduce) -> None:
+    with pytest.raises(ValueError, match="seed 1 is in more than one"):
+        reproduce.merge_reports([results_report(reproduce, [0, 1]), results_report(reproduce, [1, 2])])
+    other = dataclasses.asdict(dataclasses.replace(reproduce.RECIPES["lenet300"]["tiny"], dense_epochs=3))
+    with pytest.raises(ValueError, match="different recipes"):
+        reproduce.merge_reports([results_report(reproduce, [0]), results_report(reproduce, [1], recipe=other)])
+    with pytest.raises(ValueError, match="different machine: 'x86_64 CPU' and 'arm64 CPU'"):
+        reproduce.merge_reports([results_report(reproduce, [0]), results_report(reproduce, [1], machine="arm64 CPU")])
+    reworded = {**results_report(reproduce, [1])["recipe"], "notes": "reworded"}
+    assert reproduce.merge_reports([results_report(reproduce, [0]), results_report(reproduce, [1], recipe=reworded)])
+
+
+def test_merge_flag_writes_the_merged_file_without_training(reproduce, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(reproduce, "run_seed", None)
+    parts = []
+    for seeds in ([0], [1]):
+        parts.append(tmp_path / f"part{seeds[0]}.json")
+        parts[-1].write_text(json.dumps(results_report(reproduce, seeds)))
+    out = tmp_path / "merged.json"
+    reproduce.main(["--merge", *map(str, parts), "--out", str(out)])
+    assert json.loads(out.read_text())["seeds"] == [0, 1]
