@@ -164,11 +164,70 @@ def changes_per_seed(net: str, recipes: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+CONTROL = ("nothing_pruned", "same rounds, nothing pruned")
+"""The ablation and arm of docs/results/ablations.json that runs the LeNet-5 headline's rounds with nothing pruned."""
+
+
+def schedule(report: dict[str, Any]) -> tuple[Any, ...]:
+    """What a recipe trains apart from how much it prunes: dense phase, model, data, each round's layers and epochs."""
+    recipe = report["recipe"]
+    callback = {k: v for k, v in recipe["callback"].items() if k != "rounds"}
+    phases = [(r.get("layers"), r.get("train_only"), r["epochs"]) for r in recipe["callback"]["rounds"]]
+    rest = {k: v for k, v in recipe.items() if k not in ("callback", "notes")}
+    return json.dumps(rest, sort_keys=True), json.dumps(callback, sort_keys=True), json.dumps(phases)
+
+
+def against_control(net: str, recipes: tuple[str, ...]) -> str:
+    """Each seed's pruned error against the same seed's net trained by the same rounds with nothing pruned.
+
+    The first row is the control against its dense net; then one row per recipe that trains on the
+    headline's schedule (the control's), pruned error minus the control's error. Empty without the control.
+
+    Raises:
+        ValueError: if a recipe's seed starts from another dense net than the control's same seed.
+    """
+    path = RESULTS / "ablations.json"
+    ablation = json.loads(path.read_text()).get(CONTROL[0]) if path.exists() else None
+    if ablation is None or (headline := load(net, "full")) is None:
+        return ""
+    (arm,) = [a for a in ablation["arms"] if a["arm"] == CONTROL[1]]
+    control = {r["seed"]: r for r in arm["runs"]}
+    seeds = sorted(control)
+    lines = [
+        "| | compression | " + " | ".join(f"seed {s}" for s in seeds) + " | median |",
+        "|---|---:|" + "---:|" * len(seeds) + "---:|",
+    ]
+
+    def row(label: str, compression: float, changes: dict[int, float]) -> str:
+        cells = " | ".join(f"{changes[s]:+.2f}" if s in changes else "-" for s in seeds)
+        median = statistics.median(changes.values())
+        return f"| {label} | {compression:.1f}x | {cells} | {median:+.2f} |"
+
+    changes = {s: r["pruned_error_pct"] - r["dense_error_pct"] for s, r in control.items()}
+    lines.append(row("nothing pruned, against its dense net", 1.0, changes))
+    for name in recipes:
+        report = load(net, name)
+        if report is None or schedule(report) != schedule(headline):
+            continue
+        for r in report["runs"]:
+            if r["seed"] in control and r["dense_error_pct"] != control[r["seed"]]["dense_error_pct"]:
+                raise ValueError(
+                    f"{name}, seed {r['seed']}: dense error {r['dense_error_pct']}% against the control's "
+                    f"{control[r['seed']]['dense_error_pct']}%; the two must start from the same dense net"
+                )
+        pruned = {r["seed"]: r["pruned_error_pct"] for r in report["runs"]}
+        changes = {s: e - control[s]["pruned_error_pct"] for s, e in pruned.items() if s in control}
+        lines.append(row(f"`{name}`, against nothing pruned", report["median"]["compression"], changes))
+    return "\n".join(lines)
+
+
 def main() -> None:
     print("## Summary\n")
     print(summary())
     print("\n## LeNet-5: where the weights go (change against each seed's own dense net)\n")
     print(changes_per_seed("lenet5", LENET5_PLACEMENTS))
+    print("\n## LeNet-5 against the same rounds with nothing pruned (error difference, points)\n")
+    print(against_control("lenet5", LENET5_PLACEMENTS))
     for net, recipe, label in ROWS:
         report = load(net, recipe)
         if report is None:
