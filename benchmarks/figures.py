@@ -12,11 +12,14 @@
   ``docs/results/lenet300.json``, ``lenet300_nodropout.json``, ``lenet5.json``, ``lenet5_local.json`` and
   ``lenet5_nodropout.json``
   (no training).
+- ``lenet5_changes.png``: every LeNet-5 recipe's change in test error against each seed's own dense
+  net, one dot per seed and the median, beside the same rounds with nothing pruned, read from the
+  ``docs/results/lenet5*.json`` files and ``ablations.json`` (no training).
 
 The numbers behind the plots go to ``docs/results/figures.json``. Run::
 
     python benchmarks/figures.py              # ~5 minutes on 2 CPU cores
-    python benchmarks/figures.py --only rounds
+    python benchmarks/figures.py --only rounds changes
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import copy
 import importlib.util
 import json
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.lines
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -260,9 +265,63 @@ def rounds_figure() -> dict[str, Any]:
     return {"sources": shown}
 
 
+LENET5_RECIPES = ("full", "conv1dense", "local", "nodropout", "gentle", "light", "table2", "fc1room")
+
+
+def changes_figure() -> dict[str, Any]:
+    """Per LeNet-5 recipe (ordered by compression): each seed's pruned minus dense test error, and the median."""
+    columns = []
+    path = RESULTS / "ablations.json"
+    control = json.loads(path.read_text()).get("nothing_pruned") if path.exists() else None
+    if control is not None:
+        (arm,) = [a for a in control["arms"] if a["arm"] == "same rounds, nothing pruned"]
+        columns.append(("nothing pruned\n(same rounds)", 1.0, arm["runs"], None, "results/ablations.json"))
+    for name in LENET5_RECIPES:
+        file = RESULTS / ("lenet5.json" if name == "full" else f"lenet5_{name}.json")
+        if file.exists():
+            report = json.loads(file.read_text())
+            pooled = report["test_images_all_seeds"]
+            label = f"{name}\n{report['median']['compression']:.1f}x"
+            columns.append((label, report["median"]["compression"], report["runs"], pooled, f"results/{file.name}"))
+    columns.sort(key=lambda c: c[1])
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    seeds = sorted({r["seed"] for c in columns for r in c[2]})
+    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(seeds)}
+    every = [r["pruned_error_pct"] - r["dense_error_pct"] for c in columns for r in c[2]]
+    low, high = min(every) - 0.05, max(every) + 0.03
+    for i, (_, _, runs, pooled, _) in enumerate(columns):
+        changes = [r["pruned_error_pct"] - r["dense_error_pct"] for r in runs]
+        offsets = [(k - (len(runs) - 1) / 2) * 0.06 for k in range(len(runs))]
+        for run, change, dx in zip(runs, changes, offsets, strict=True):
+            ax.scatter(i + dx, change, s=18, color=colors[run["seed"]], zorder=3)
+        ax.hlines(statistics.median(changes), i - 0.3, i + 0.3, color="black", lw=2, zorder=4)
+        if pooled is not None:
+            ax.annotate(
+                f"{pooled['lost']}/{pooled['fixed']}", (i, low + 0.01), ha="center", fontsize=7, color="dimgray"
+            )
+    ax.axhline(0, color="tab:red", lw=0.8, ls="--")
+    ax.set_xticks(range(len(columns)), [c[0] for c in columns], fontsize=8)
+    ax.set_ylim(low, high)
+    ax.set_ylabel("pruned - dense test error (points)")
+    ax.set_title(
+        "LeNet-5: change against each seed's own dense net (dots: seeds; bar: median; "
+        "grey: test images lost/fixed over all seeds)",
+        fontsize=9,
+    )
+    handles = [matplotlib.lines.Line2D([], [], ls="", marker="o", color=colors[s], label=f"seed {s}") for s in seeds]
+    ax.legend(handles=handles, fontsize=7, ncol=2, loc="upper left")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    out = FIGURES / "lenet5_changes.png"
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return {"sources": [c[4] for c in columns]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["figure4", "figure7", "rounds"], nargs="+", default=None)
+    parser.add_argument("--only", choices=["figure4", "figure7", "rounds", "changes"], nargs="+", default=None)
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dense-epochs", type=int, default=15)
@@ -275,12 +334,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     FIGURES.mkdir(parents=True, exist_ok=True)
-    only = set(args.only or ["figure4", "figure7", "rounds"])
+    only = set(args.only or ["figure4", "figure7", "rounds", "changes"])
     path = RESULTS / "figures.json"
     report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     reproduce = load_reproduce()
     command = shlex.join(["python", "benchmarks/figures.py", *sys.argv[1:]])
-    for name in ("figure4", "figure7", "rounds"):
+    for name in ("figure4", "figure7", "rounds", "changes"):
         if name not in only:
             continue
         start = time.perf_counter()
@@ -292,8 +351,10 @@ def main() -> None:
             result = figure4(args, dm)
         elif name == "figure7":
             result = figure7(args)
-        else:
+        elif name == "rounds":
             result = rounds_figure()
+        else:
+            result = changes_figure()
         wall = round(time.perf_counter() - start, 1)
         report[name] = {**result, "command": command, "wall_time_s": wall, **reproduce.environment()}
     path.parent.mkdir(parents=True, exist_ok=True)
