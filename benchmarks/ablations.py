@@ -32,6 +32,7 @@ only seeds 3 and 4. Each ablation is written into the file as soon as it ends, k
 
     python benchmarks/ablations.py                       # ~2 h on 2 CPU cores (3 seeds, headline runs cached)
     python benchmarks/ablations.py --only retrain_lr --seeds 0
+    python benchmarks/ablations.py --only nothing_pruned --seeds 0 1 2 3 4 5 6 7 8 9 --no-train-recipes
 """
 
 from __future__ import annotations
@@ -90,11 +91,19 @@ def recipe_key(net: str, recipe: Any) -> str:
 
 
 class Runner:
-    def __init__(self, reproduce: Any, data_dir: str, seeds: list[int], previous: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        reproduce: Any,
+        data_dir: str,
+        seeds: list[int],
+        previous: dict[str, Any] | None = None,
+        train_recipes: bool = True,
+    ):
         self.reproduce = reproduce
         self.data_dir = data_dir
         self.seeds = seeds
         self.previous = previous or {}
+        self.train_recipes = train_recipes
 
     def reused(self, key: str, seed: int) -> dict[str, Any] | None:
         """Seed ``seed`` of a run with recipe key ``key`` in ``previous`` (an earlier ablations.json), if any."""
@@ -126,6 +135,7 @@ class Runner:
         """One run per seed (``self.seeds`` unless given) of ``recipe``, reusing earlier runs where it can.
 
         A named recipe's seed is read from its results file, any other recipe's from ``previous``.
+        Without ``train_recipes``, a named recipe's seed that its results file lacks is left out.
         """
         key = recipe_key(net, recipe)
         runs = []
@@ -134,6 +144,9 @@ class Runner:
             if cached is not None:
                 print(f"-- {label}, seed {seed}: from {cached['source']}", flush=True)
                 runs.append({**cached, "recipe_key": key})
+                continue
+            if name is not None and not self.train_recipes:
+                print(f"-- {label}, seed {seed}: not in its results file, left out (--no-train-recipes)", flush=True)
                 continue
             print(f"-- {label}, seed {seed}", flush=True)
             with tempfile.TemporaryDirectory() as tmp:
@@ -369,12 +382,18 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--no-train-recipes",
+        dest="train_recipes",
+        action="store_false",
+        help="arms that are recipes of reproduce.py only read their results files: seeds those lack are left out",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reproduce = load_reproduce()
     reproduce.quiet_lightning()
     path = RESULTS / "ablations.json"
-    runner = Runner(reproduce, args.data_dir, args.seeds, previous=read_report(path))
+    runner = Runner(reproduce, args.data_dir, args.seeds, previous=read_report(path), train_recipes=args.train_recipes)
     for name in args.only or ABLATIONS:
         start = time.perf_counter()
         result = globals()[name](runner)

@@ -135,3 +135,17 @@ def test_save_keeps_the_ablations_written_since_the_run_began(ablations, tmp_pat
         "retrain_lr"
     }
     assert report["nothing_pruned"] == {"arms": [2]}
+
+
+def test_without_train_recipes_a_recipe_arm_keeps_only_the_seeds_of_its_results_file(
+    ablations, tmp_path, monkeypatch
+) -> None:
+    reproduce = sys.modules["reproduce"]
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path)
+    write_results(tmp_path / "lenet5.json", dataclasses.asdict(reproduce.RECIPES["lenet5"]["full"]), [0])
+    trained: list[int] = []
+    monkeypatch.setattr(reproduce, "run_seed", fake_run_seed(trained))
+    runner = ablations.Runner(reproduce, "data", [0, 1], train_recipes=False)
+    assert [r["seed"] for r in runner.recipe("lenet5", "full", "headline")] == [0] and trained == []
+    control = dataclasses.replace(reproduce.RECIPES["lenet5"]["full"], notes="not a named recipe")
+    assert [r["seed"] for r in runner.run("lenet5", control, "control")] == [0, 1] and trained == [0, 1]
