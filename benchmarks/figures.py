@@ -284,7 +284,7 @@ def changes_figure() -> dict[str, Any]:
             label = f"{name}\n{report['median']['compression']:.1f}x"
             columns.append((label, report["median"]["compression"], report["runs"], pooled, f"results/{file.name}"))
     columns.sort(key=lambda c: c[1])
-    fig, ax = plt.subplots(figsize=(9, 4.6))
+    fig, ax = plt.subplots(figsize=(10, 4.6))
     seeds = sorted({r["seed"] for c in columns for r in c[2]})
     colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(seeds)}
     every = [r["pruned_error_pct"] - r["dense_error_pct"] for c in columns for r in c[2]]
@@ -309,7 +309,7 @@ def changes_figure() -> dict[str, Any]:
         fontsize=9,
     )
     handles = [matplotlib.lines.Line2D([], [], ls="", marker="o", color=colors[s], label=f"seed {s}") for s in seeds]
-    ax.legend(handles=handles, fontsize=7, ncol=2, loc="upper left")
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     out = FIGURES / "lenet5_changes.png"
