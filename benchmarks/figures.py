@@ -54,13 +54,18 @@ RESULTS = ROOT / "docs" / "results"
 LEVELS = [50, 60, 70, 80, 85, 90, 93, 95, 97, 98, 99]
 
 
-def load_reproduce() -> Any:
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "examples" / "reproduce.py")
+def load_script(name: str, path: Path) -> Any:
+    """The script at ``path`` imported as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_reproduce() -> Any:
+    return load_script("reproduce", ROOT / "examples" / "reproduce.py")
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, size: int, gen: torch.Generator):
@@ -268,18 +273,19 @@ def rounds_figure() -> dict[str, Any]:
 LENET5_RECIPES = ("full", "conv1dense", "local", "nodropout", "gentle", "light", "table2", "fc1room")
 
 
-def changes_figure() -> dict[str, Any]:
-    """Per LeNet-5 recipe (ordered by compression): each seed's pruned minus dense test error, and the median."""
+def changes_figure(tables: Any) -> dict[str, Any]:
+    """Per LeNet-5 recipe (ordered by compression): each seed's pruned minus dense test error, and the median.
+
+    ``tables`` is ``benchmarks/reproduction_tables.py`` (as a module), which reads the results files.
+    """
     columns = []
-    path = RESULTS / "ablations.json"
-    control = json.loads(path.read_text()).get("nothing_pruned") if path.exists() else None
+    control = tables.control_runs()
     if control is not None:
-        (arm,) = [a for a in control["arms"] if a["arm"] == "same rounds, nothing pruned"]
-        columns.append(("nothing pruned\n(same rounds)", 1.0, arm["runs"], None, "results/ablations.json"))
+        columns.append(("nothing pruned\n(same rounds)", 1.0, control, None, "results/ablations.json"))
     for name in LENET5_RECIPES:
-        file = RESULTS / ("lenet5.json" if name == "full" else f"lenet5_{name}.json")
-        if file.exists():
-            report = json.loads(file.read_text())
+        report = tables.load("lenet5", name)
+        if report is not None:
+            file = tables.path_of("lenet5", name)
             pooled = report["test_images_all_seeds"]
             label = f"{name}\n{report['median']['compression']:.1f}x"
             columns.append((label, report["median"]["compression"], report["runs"], pooled, f"results/{file.name}"))
@@ -354,7 +360,7 @@ def main() -> None:
         elif name == "rounds":
             result = rounds_figure()
         else:
-            result = changes_figure()
+            result = changes_figure(load_script("reproduction_tables", ROOT / "benchmarks" / "reproduction_tables.py"))
         wall = round(time.perf_counter() - start, 1)
         report[name] = {**result, "command": command, "wall_time_s": wall, **reproduce.environment()}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -177,6 +177,16 @@ def schedule(report: dict[str, Any]) -> tuple[Any, ...]:
     return json.dumps(rest, sort_keys=True), json.dumps(callback, sort_keys=True), json.dumps(phases)
 
 
+def control_runs() -> list[dict[str, Any]] | None:
+    """The nothing-pruned control's per-seed runs in docs/results/ablations.json (``None``: not run yet)."""
+    path = RESULTS / "ablations.json"
+    ablation = json.loads(path.read_text()).get(CONTROL[0]) if path.exists() else None
+    if ablation is None:
+        return None
+    (arm,) = [a for a in ablation["arms"] if a["arm"] == CONTROL[1]]
+    return arm["runs"]
+
+
 def against_control(net: str, recipes: tuple[str, ...]) -> str:
     """Each seed's pruned error against the same seed's net trained by the same rounds with nothing pruned.
 
@@ -186,12 +196,10 @@ def against_control(net: str, recipes: tuple[str, ...]) -> str:
     Raises:
         ValueError: if a recipe's seed starts from another dense net than the control's same seed.
     """
-    path = RESULTS / "ablations.json"
-    ablation = json.loads(path.read_text()).get(CONTROL[0]) if path.exists() else None
-    if ablation is None or (headline := load(net, "full")) is None:
+    runs = control_runs()
+    if runs is None or (headline := load(net, "full")) is None:
         return ""
-    (arm,) = [a for a in ablation["arms"] if a["arm"] == CONTROL[1]]
-    control = {r["seed"]: r for r in arm["runs"]}
+    control = {r["seed"]: r for r in runs}
     seeds = sorted(control)
     lines = [
         "| | compression | " + " | ".join(f"seed {s}" for s in seeds) + " | median |",

@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def ablations():
-    spec = importlib.util.spec_from_file_location("ablations_under_test", ROOT / "benchmarks" / "ablations.py")
-    module = importlib.util.module_from_spec(spec)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, spec.name, module)
         mp.setitem(sys.modules, "reproduce", None)  # removed again at teardown; load_reproduce() sets it
-        spec.loader.exec_module(module)
+        module = load_script("benchmarks/ablations.py", "ablations_under_test", mp)
         module.load_reproduce()
         yield module
 

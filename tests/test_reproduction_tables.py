@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def tables():
-    spec = importlib.util.spec_from_file_location(
-        "reproduction_tables_under_test", ROOT / "benchmarks" / "reproduction_tables.py"
-    )
-    module = importlib.util.module_from_spec(spec)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, spec.name, module)
-        spec.loader.exec_module(module)
-        yield module
+        yield load_script("benchmarks/reproduction_tables.py", "reproduction_tables_under_test", mp)
 
 
 def write_report(path: Path, changes: dict[int, float], compression: float, recipe: dict | None = None) -> None:
