@@ -22,6 +22,9 @@ dense phase, so arms are paired comparisons):
    and L2 as in the headline): how much of the pruned net's change comes from the schedule alone?
 7. ``conv_unpruned`` (LeNet-5): the headline's rounds with the conv layers' qualities set to 0 (only
    fc1 and fc2 pruned, as much as in the headline): is the loss in pruning the conv layers?
+8. ``last_round`` (LeNet-5): the last round 6 epochs long (recipe ``fc1room``, 12.6x) against 12
+   (``fc1room_long``), each beside the same schedule with nothing pruned (``nothing_pruned``'s control
+   and recipe ``control_long``): does a longer last round help the pruned net, the schedule, or both?
 
 An arm that is a recipe of ``reproduce.py`` is read from its results file in ``docs/results/`` when
 that file holds the seed with the current recipe, instead of being trained again; any other arm's
@@ -64,6 +67,7 @@ ABLATIONS = (
     "dense_control",
     "nothing_pruned",
     "conv_unpruned",
+    "last_round",
 )
 
 
@@ -313,11 +317,16 @@ def dense_control(r: Runner) -> dict[str, Any]:
     return {"what": "dense nets trained as long as the whole pipeline (dense + all retraining epochs)", "nets": nets}
 
 
+def spared(reproduce: Any, layers: tuple[str, ...] | None = None) -> Any:
+    """The LeNet-5 headline recipe with ``layers`` (all: ``None``) at quality 0 in every round."""
+    headline = reproduce.RECIPES["lenet5"]["full"]
+    rounds = reproduce.zero_quality(headline.callback["rounds"], layers)
+    return dataclasses.replace(headline, callback={**headline.callback, "rounds": rounds})
+
+
 def lenet5_spared(r: Runner, layers: tuple[str, ...] | None, what: str, arms: tuple[str, str]) -> dict[str, Any]:
     """The LeNet-5 headline against the same rounds with ``layers`` (all: ``None``) left unpruned."""
-    headline = r.reproduce.RECIPES["lenet5"]["full"]
-    rounds = r.reproduce.zero_quality(headline.callback["rounds"], layers)
-    control = dataclasses.replace(headline, callback={**headline.callback, "rounds": rounds})
+    control = spared(r.reproduce, layers)
     return {
         "net": "lenet5",
         "what": what,
@@ -336,6 +345,20 @@ def nothing_pruned(r: Runner) -> dict[str, Any]:
 def conv_unpruned(r: Runner) -> dict[str, Any]:
     what = "the headline's rounds with conv1 and conv2 at quality 0 (only fc1, fc2 pruned) vs the headline"
     return lenet5_spared(r, ("conv1", "conv2"), what, ("headline (all layers pruned)", "conv layers not pruned"))
+
+
+def last_round(r: Runner) -> dict[str, Any]:
+    control = spared(r.reproduce)
+    return {
+        "net": "lenet5",
+        "what": "the last round 6 vs 12 epochs long, at 12.6x (fc1room's shares) and with nothing pruned",
+        "arms": [
+            arm("12.6x, last round 6 epochs (fc1room)", r.recipe("lenet5", "fc1room", "LeNet-5, fc1room")),
+            arm("12.6x, last round 12 epochs (fc1room_long)", r.recipe("lenet5", "fc1room_long", "fc1room_long")),
+            arm("nothing pruned, last round 6 epochs", r.run("lenet5", control, "LeNet-5, quality 0 for every layer")),
+            arm("nothing pruned, last round 12 epochs (control_long)", r.recipe("lenet5", "control_long", "control")),
+        ],
+    }
 
 
 def table(name: str, result: dict[str, Any]) -> str:

@@ -270,7 +270,7 @@ def rounds_figure() -> dict[str, Any]:
     return {"sources": shown}
 
 
-LENET5_RECIPES = ("full", "conv1dense", "local", "nodropout", "gentle", "light", "table2", "fc1room")
+LENET5_RECIPES = ("full", "conv1dense", "local", "nodropout", "gentle", "light", "table2", "fc1room", "fc1room_long")
 
 
 def changes_figure(tables: Any) -> dict[str, Any]:
@@ -282,17 +282,19 @@ def changes_figure(tables: Any) -> dict[str, Any]:
     control = tables.control_runs()
     if control is not None:
         columns.append(("nothing pruned\n(same rounds)", 1.0, control, None, "results/ablations.json"))
-    for name in LENET5_RECIPES:
+    for name in (*tables.CONTROL_RECIPES, *LENET5_RECIPES):
         report = tables.load("lenet5", name)
         if report is not None:
             file = tables.path_of("lenet5", name)
             pooled = report["test_images_all_seeds"]
-            label = f"{name}\n{report['median']['compression']:.1f}x"
+            shown = "(nothing pruned)" if name in tables.CONTROL_RECIPES else f"{report['median']['compression']:.1f}x"
+            label = f"{name}\n{shown}"
             columns.append((label, report["median"]["compression"], report["runs"], pooled, f"results/{file.name}"))
     columns.sort(key=lambda c: c[1])
     fig, ax = plt.subplots(figsize=(10, 4.6))
     seeds = sorted({r["seed"] for c in columns for r in c[2]})
-    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(seeds)}
+    palette = plt.get_cmap("tab10" if len(seeds) <= 10 else "tab20")
+    colors = {s: palette(i % palette.N) for i, s in enumerate(seeds)}
     every = [r["pruned_error_pct"] - r["dense_error_pct"] for c in columns for r in c[2]]
     low, high = min(every) - 0.05, max(every) + 0.03
     for i, (_, _, runs, pooled, _) in enumerate(columns):

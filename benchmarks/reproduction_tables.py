@@ -30,6 +30,7 @@ ROWS = (
     ("lenet5", "light", "LeNet-5, ours, conv1 not pruned, conv2 and fc2 less"),
     ("lenet5", "table2", "LeNet-5, ours, the paper's Table 2 shares"),
     ("lenet5", "fc1room", "LeNet-5, ours, 12.6x with conv1 whole and fc1 at 4.2%"),
+    ("lenet5", "fc1room_long", "LeNet-5, ours, the same 12.6x with a 12-epoch last round"),
 )
 
 
@@ -136,7 +137,7 @@ def rounds(net: str, recipe: str) -> str:
     return "\n".join(lines)
 
 
-LENET5_PLACEMENTS = ("full", "conv1dense", "gentle", "light", "table2", "fc1room")
+LENET5_PLACEMENTS = ("full", "conv1dense", "gentle", "light", "table2", "fc1room", "fc1room_long")
 
 
 def changes_per_seed(net: str, recipes: tuple[str, ...]) -> str:
@@ -187,20 +188,41 @@ def control_runs() -> list[dict[str, Any]] | None:
     return arm["runs"]
 
 
+CONTROL_RECIPES = ("control_long",)
+"""Recipes of ``examples/reproduce.py`` that prune nothing: each is the control of the recipes on its schedule."""
+
+
+def controls(net: str) -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
+    """Every nothing-pruned control of ``net`` there are results for: (row label, a report on its schedule, runs).
+
+    The first is the ablation's (the headline's rounds, its schedule read from the headline's results
+    file), then each of :data:`CONTROL_RECIPES` from its own results file.
+    """
+    found = []
+    runs, headline = control_runs(), load(net, "full")
+    if runs is not None and headline is not None:
+        found.append(("nothing pruned, against its dense net", headline, runs))
+    for name in CONTROL_RECIPES:
+        report = load(net, name)
+        if report is not None:
+            found.append((f"`{name}` (nothing pruned), against its dense net", report, report["runs"]))
+    return found
+
+
 def against_control(net: str, recipes: tuple[str, ...]) -> str:
     """Each seed's pruned error against the same seed's net trained by the same rounds with nothing pruned.
 
-    The first row is the control against its dense net; then one row per recipe that trains on the
-    headline's schedule (the control's), pruned error minus the control's error. Empty without the control.
+    Per control (:func:`controls`): a row of the control against its dense net, then one row per
+    recipe that trains on the control's schedule, pruned error minus the control's error on the same
+    seed. One column per seed of any control. Empty without a control.
 
     Raises:
         ValueError: if a recipe's seed starts from another dense net than the control's same seed.
     """
-    runs = control_runs()
-    if runs is None or (headline := load(net, "full")) is None:
+    found = controls(net)
+    if not found:
         return ""
-    control = {r["seed"]: r for r in runs}
-    seeds = sorted(control)
+    seeds = sorted({r["seed"] for _, _, runs in found for r in runs})
     lines = [
         "| | compression | " + " | ".join(f"seed {s}" for s in seeds) + " | median |",
         "|---|---:|" + "---:|" * len(seeds) + "---:|",
@@ -211,21 +233,24 @@ def against_control(net: str, recipes: tuple[str, ...]) -> str:
         median = statistics.median(changes.values())
         return f"| {label} | {compression:.1f}x | {cells} | {median:+.2f} |"
 
-    changes = {s: r["pruned_error_pct"] - r["dense_error_pct"] for s, r in control.items()}
-    lines.append(row("nothing pruned, against its dense net", 1.0, changes))
-    for name in recipes:
-        report = load(net, name)
-        if report is None or schedule(report) != schedule(headline):
-            continue
-        for r in report["runs"]:
-            if r["seed"] in control and r["dense_error_pct"] != control[r["seed"]]["dense_error_pct"]:
-                raise ValueError(
-                    f"{name}, seed {r['seed']}: dense error {r['dense_error_pct']}% against the control's "
-                    f"{control[r['seed']]['dense_error_pct']}%; the two must start from the same dense net"
-                )
-        pruned = {r["seed"]: r["pruned_error_pct"] for r in report["runs"]}
-        changes = {s: e - control[s]["pruned_error_pct"] for s, e in pruned.items() if s in control}
-        lines.append(row(f"`{name}`, against nothing pruned", report["median"]["compression"], changes))
+    for label, on_schedule, runs in found:
+        control = {r["seed"]: r for r in runs}
+        changes = {s: r["pruned_error_pct"] - r["dense_error_pct"] for s, r in control.items()}
+        lines.append(row(label, 1.0, changes))
+        for name in recipes:
+            report = load(net, name)
+            if report is None or schedule(report) != schedule(on_schedule):
+                continue
+            for r in report["runs"]:
+                if r["seed"] in control and r["dense_error_pct"] != control[r["seed"]]["dense_error_pct"]:
+                    raise ValueError(
+                        f"{name}, seed {r['seed']}: dense error {r['dense_error_pct']}% against the control's "
+                        f"{control[r['seed']]['dense_error_pct']}%; the two must start from the same dense net"
+                    )
+            pruned = {r["seed"]: r["pruned_error_pct"] for r in report["runs"]}
+            changes = {s: e - control[s]["pruned_error_pct"] for s, e in pruned.items() if s in control}
+            if changes:
+                lines.append(row(f"`{name}`, against nothing pruned", report["median"]["compression"], changes))
     return "\n".join(lines)
 
 

@@ -144,3 +144,29 @@ def test_without_train_recipes_a_recipe_arm_keeps_only_the_seeds_of_its_results_
     assert [r["seed"] for r in runner.recipe("lenet5", "full", "headline")] == [0] and trained == []
     control = dataclasses.replace(reproduce.RECIPES["lenet5"]["full"], notes="not a named recipe")
     assert [r["seed"] for r in runner.run("lenet5", control, "control")] == [0, 1] and trained == [0, 1]
+
+
+def test_last_round_pairs_each_length_with_its_nothing_pruned_schedule(ablations, monkeypatch) -> None:
+    reproduce = sys.modules["reproduce"]
+    runner = ablations.Runner(reproduce, "data", [0])
+    seen: dict[str, Any] = {}
+    run = {"seed": 0, "dense_error_pct": 0.7, "pruned_error_pct": 0.7, "compression": 1.0, "weights_after": 1}
+
+    def fake_run(net, recipe, label, name=None):
+        seen[name or "control"] = recipe
+        return [{**run, "remaining_pct": {}, "recipe_key": ablations.recipe_key(net, recipe)}]
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    result = ablations.last_round(runner)
+    assert [a["arm"].split(" (")[0] for a in result["arms"]] == [
+        "12.6x, last round 6 epochs",
+        "12.6x, last round 12 epochs",
+        "nothing pruned, last round 6 epochs",
+        "nothing pruned, last round 12 epochs",
+    ]
+    assert set(seen) == {"fc1room", "fc1room_long", "control_long", "control"}
+    assert seen["control_long"] is reproduce.RECIPES["lenet5"]["control_long"]
+    control_key = ablations.recipe_key("lenet5", seen["control"])
+    assert control_key == ablations.recipe_key("lenet5", ablations.spared(reproduce))  # nothing_pruned's control
+    long_rounds = [r["epochs"] for r in seen["control_long"].callback["rounds"]]
+    assert long_rounds == [r["epochs"] for r in seen["control"].callback["rounds"][:-1]] + [12]

@@ -26,7 +26,7 @@ def results(changes: dict[int, float], compression: float) -> dict:
     return {"runs": runs, "median": {"compression": compression}, "test_images_all_seeds": pooled}
 
 
-def test_changes_figure_orders_the_recipes_by_compression_after_the_control(
+def test_changes_figure_orders_the_recipes_by_compression_after_the_controls(
     figures, tables, tmp_path, monkeypatch
 ) -> None:
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
@@ -36,7 +36,13 @@ def test_changes_figure_orders_the_recipes_by_compression_after_the_control(
     control = [{"seed": 0, "dense_error_pct": 0.6, "pruned_error_pct": 0.55}]
     arms = [{"arm": "headline (pruned)", "runs": []}, {"arm": "same rounds, nothing pruned", "runs": control}]
     (tmp_path / "ablations.json").write_text(json.dumps({"nothing_pruned": {"arms": arms}}))
+    (tmp_path / "lenet5_control_long.json").write_text(json.dumps(results({s: -0.02 for s in range(10, 16)}, 1.0)))
     result = figures.changes_figure(tables)
-    assert result["sources"] == ["results/ablations.json", "results/lenet5_fc1room.json", "results/lenet5.json"]
+    assert result["sources"] == [
+        "results/ablations.json",
+        "results/lenet5_control_long.json",
+        "results/lenet5_fc1room.json",
+        "results/lenet5.json",
+    ]
     png = (tmp_path / "lenet5_changes.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000

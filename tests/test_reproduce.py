@@ -284,3 +284,27 @@ def test_merge_flag_writes_the_merged_file_without_training(reproduce, tmp_path:
     out = tmp_path / "merged.json"
     reproduce.main(["--merge", *map(str, parts), "--out", str(out)])
     assert json.loads(out.read_text())["seeds"] == [0, 1]
+
+
+def test_long_lenet5_recipes_differ_from_theirs_only_in_a_12_epoch_last_round(reproduce) -> None:
+    recipes = reproduce.RECIPES["lenet5"]
+    for long, short in (("fc1room_long", recipes["fc1room"]), ("control_long", recipes["full"])):
+        rounds, base = recipes[long].callback["rounds"], short.callback["rounds"]
+        assert [r["epochs"] for r in rounds] == [*(r["epochs"] for r in base[:-1]), 12]
+        assert [r.get("layers") for r in rounds] == [r.get("layers") for r in base]
+        assert recipes[long].dense_epochs == short.dense_epochs and recipes[long].model == short.model
+    assert recipes["fc1room_long"].callback["rounds"][:-1] == recipes["fc1room"].callback["rounds"][:-1]
+    assert (
+        recipes["fc1room_long"].callback["rounds"][-1]["amount"] == recipes["fc1room"].callback["rounds"][-1]["amount"]
+    )
+    control = recipes["control_long"].callback["rounds"]
+    assert all(q == 0.0 for r in control for q in r["quality"].values())
+    assert recipes["full"].callback["rounds"][-1]["epochs"] == 6
+
+
+def test_long_last_round_copies_the_rounds(reproduce) -> None:
+    rounds = [{"quality": {"fc1": 0.5}, "epochs": 2}, {"quality": {"fc1": 1.0}, "epochs": 6}]
+    longer = reproduce.long_last_round(rounds, epochs=9)
+    longer[0]["quality"]["fc1"] = 9.0
+    assert longer[1] == {"quality": {"fc1": 1.0}, "epochs": 9}
+    assert rounds == [{"quality": {"fc1": 0.5}, "epochs": 2}, {"quality": {"fc1": 1.0}, "epochs": 6}]

@@ -83,3 +83,25 @@ def test_against_control_refuses_a_seed_whose_dense_net_is_not_the_controls(tabl
     (tmp_path / "ablations.json").write_text(json.dumps({"nothing_pruned": {"arms": arms}}))
     with pytest.raises(ValueError, match=r"full, seed 0: dense error 0.6% against the control's 0.7%"):
         tables.against_control("lenet5", ("full",))
+
+
+def test_against_control_pairs_a_recipe_with_the_control_recipe_on_its_schedule(tables, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    short = [{"layers": ["fc*"], "quality": {"fc1": 1.0}, "epochs": 2}, {"quality": {"fc1": 1.8}, "epochs": 6}]
+    recipe = {"model": {}, "dense_epochs": 12, "callback": {"rounds": short}}
+    long = {**recipe, "callback": {"rounds": [short[0], {**short[1], "epochs": 12}]}}
+    unpruned = {**long, "callback": {"rounds": [{**r, "quality": {"fc1": 0.0}} for r in long["callback"]["rounds"]]}}
+    write_report(tmp_path / "lenet5.json", {0: 0.05}, 26.9, recipe=recipe)
+    write_report(tmp_path / "lenet5_fc1room_long.json", {10: 0.02, 11: -0.04}, 12.6, recipe=long)
+    write_report(tmp_path / "lenet5_control_long.json", {10: -0.03, 11: -0.01, 12: 0.0}, 1.0, recipe=unpruned)
+    control = [{"seed": 0, "dense_error_pct": 0.6, "pruned_error_pct": 0.62}]
+    arms = [{"arm": "same rounds, nothing pruned", "runs": control}]
+    (tmp_path / "ablations.json").write_text(json.dumps({"nothing_pruned": {"arms": arms}}))
+    lines = tables.against_control("lenet5", ("full", "fc1room_long")).splitlines()
+    assert lines[0] == "| | compression | seed 0 | seed 10 | seed 11 | seed 12 | median |"
+    assert lines[2] == "| nothing pruned, against its dense net | 1.0x | +0.02 | - | - | - | +0.02 |"
+    assert lines[3] == "| `full`, against nothing pruned | 26.9x | +0.03 | - | - | - | +0.03 |"
+    control_long = "| `control_long` (nothing pruned), against its dense net | 1.0x |"
+    assert lines[4] == control_long + " - | -0.03 | -0.01 | +0.00 | -0.01 |"
+    assert lines[5] == "| `fc1room_long`, against nothing pruned | 12.6x | - | +0.05 | -0.03 | - | +0.01 |"
+    assert len(lines) == 6
