@@ -354,9 +354,15 @@ def last_round(r: Runner) -> dict[str, Any]:
         "what": "the last round 6 vs 12 epochs long, at 12.6x (fc1room's shares) and with nothing pruned",
         "arms": [
             arm("12.6x, last round 6 epochs (fc1room)", r.recipe("lenet5", "fc1room", "LeNet-5, fc1room")),
-            arm("12.6x, last round 12 epochs (fc1room_long)", r.recipe("lenet5", "fc1room_long", "fc1room_long")),
+            arm(
+                "12.6x, last round 12 epochs (fc1room_long)",
+                r.recipe("lenet5", "fc1room_long", "LeNet-5, fc1room_long"),
+            ),
             arm("nothing pruned, last round 6 epochs", r.run("lenet5", control, "LeNet-5, quality 0 for every layer")),
-            arm("nothing pruned, last round 12 epochs (control_long)", r.recipe("lenet5", "control_long", "control")),
+            arm(
+                "nothing pruned, last round 12 epochs (control_long)",
+                r.recipe("lenet5", "control_long", "LeNet-5, control_long"),
+            ),
         ],
     }
 

@@ -281,17 +281,17 @@ def changes_figure(tables: Any) -> dict[str, Any]:
     columns = []
     control = tables.control_runs()
     if control is not None:
-        columns.append(("nothing pruned\n(same rounds)", 1.0, control, None, "results/ablations.json"))
+        columns.append(("nothing pruned\n(headline)", 1.0, control, None, "results/ablations.json"))
     for name in (*tables.CONTROL_RECIPES, *LENET5_RECIPES):
         report = tables.load("lenet5", name)
         if report is not None:
             file = tables.path_of("lenet5", name)
             pooled = report["test_images_all_seeds"]
-            shown = "(nothing pruned)" if name in tables.CONTROL_RECIPES else f"{report['median']['compression']:.1f}x"
+            shown = "(none pruned)" if name in tables.CONTROL_RECIPES else f"{report['median']['compression']:.1f}x"
             label = f"{name}\n{shown}"
             columns.append((label, report["median"]["compression"], report["runs"], pooled, f"results/{file.name}"))
     columns.sort(key=lambda c: c[1])
-    fig, ax = plt.subplots(figsize=(10, 4.6))
+    fig, ax = plt.subplots(figsize=(12, 4.6))
     seeds = sorted({r["seed"] for c in columns for r in c[2]})
     palette = plt.get_cmap("tab10" if len(seeds) <= 10 else "tab20")
     colors = {s: palette(i % palette.N) for i, s in enumerate(seeds)}
@@ -308,7 +308,7 @@ def changes_figure(tables: Any) -> dict[str, Any]:
                 f"{pooled['lost']}/{pooled['fixed']}", (i, low + 0.01), ha="center", fontsize=7, color="dimgray"
             )
     ax.axhline(0, color="tab:red", lw=0.8, ls="--")
-    ax.set_xticks(range(len(columns)), [c[0] for c in columns], fontsize=8)
+    ax.set_xticks(range(len(columns)), [c[0] for c in columns], fontsize=7.5)
     ax.set_ylim(low, high)
     ax.set_ylabel("pruned - dense test error (points)")
     ax.set_title(
