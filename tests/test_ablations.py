@@ -53,11 +53,9 @@ def test_cached_ignores_a_file_made_with_another_recipe(ablations, tmp_path, mon
     assert runner.cached("lenet5", "full", 0) is None
 
 
-def test_nothing_pruned_runs_the_headline_rounds_at_quality_zero(ablations, monkeypatch) -> None:
-    runner = ablations.Runner(sys.modules["reproduce"], "data", [0])
-    headline = runner.reproduce.RECIPES["lenet5"]["full"]
-    before = dataclasses.asdict(headline)
-    seen = {}
+def record_recipes(ablations, runner, monkeypatch) -> dict[str, Any]:
+    """Replace ``runner.run`` by a stub that records each arm's recipe (by recipe name, "control" if unnamed)."""
+    seen: dict[str, Any] = {}
     run = {"seed": 0, "dense_error_pct": 0.7, "pruned_error_pct": 0.7, "compression": 1.0, "weights_after": 1}
 
     def fake_run(net, recipe, label, name=None):
@@ -65,6 +63,14 @@ def test_nothing_pruned_runs_the_headline_rounds_at_quality_zero(ablations, monk
         return [{**run, "remaining_pct": {}, "recipe_key": ablations.recipe_key(net, recipe)}]
 
     monkeypatch.setattr(runner, "run", fake_run)
+    return seen
+
+
+def test_nothing_pruned_runs_the_headline_rounds_at_quality_zero(ablations, monkeypatch) -> None:
+    runner = ablations.Runner(sys.modules["reproduce"], "data", [0])
+    headline = runner.reproduce.RECIPES["lenet5"]["full"]
+    before = dataclasses.asdict(headline)
+    seen = record_recipes(ablations, runner, monkeypatch)
     result = ablations.nothing_pruned(runner)
     control = seen["control"]
     assert [a["arm"] for a in result["arms"]] == ["headline (pruned)", "same rounds, nothing pruned"]
@@ -149,14 +155,7 @@ def test_without_train_recipes_a_recipe_arm_keeps_only_the_seeds_of_its_results_
 def test_last_round_pairs_each_length_with_its_nothing_pruned_schedule(ablations, monkeypatch) -> None:
     reproduce = sys.modules["reproduce"]
     runner = ablations.Runner(reproduce, "data", [0])
-    seen: dict[str, Any] = {}
-    run = {"seed": 0, "dense_error_pct": 0.7, "pruned_error_pct": 0.7, "compression": 1.0, "weights_after": 1}
-
-    def fake_run(net, recipe, label, name=None):
-        seen[name or "control"] = recipe
-        return [{**run, "remaining_pct": {}, "recipe_key": ablations.recipe_key(net, recipe)}]
-
-    monkeypatch.setattr(runner, "run", fake_run)
+    seen = record_recipes(ablations, runner, monkeypatch)
     result = ablations.last_round(runner)
     assert [a["arm"].split(" (")[0] for a in result["arms"]] == [
         "12.6x, last round 6 epochs",
