@@ -22,7 +22,8 @@ tensors its pruner holds (the ``bool`` masks; their ``uint8`` views share storag
 for ``ModelPruning`` every storage of the pruned modules' ``weight_orig``, ``weight_mask`` and
 recomputed ``weight`` beyond the one tensor plain training holds.
 
-A micro-benchmark times ways of applying a 90%-sparse mask in place to a 300x784 fp32 tensor.
+A micro-benchmark times ways of applying a 90%-sparse mask in place to a 300x784 fp32 tensor
+(``--only-micro`` runs just that).
 
 Usage::
 
@@ -56,6 +57,7 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import PruneRetrainCallback
+from lightning_prune.core.masks import enforce
 from lightning_prune.core.pruner import ZERO_PRESERVING
 
 AMOUNT = 0.9
@@ -325,6 +327,7 @@ def bench_masking(args: argparse.Namespace) -> str:
     as_float = keep.float()
     as_uint8 = keep.to(torch.uint8)
     view_uint8 = keep.view(torch.uint8)
+    zero = torch.zeros(())
     cases: dict[str, Callable[[], Any]] = {
         "w.mul_(bool_mask)": lambda: w.mul_(keep),
         "w.mul_(float_mask)": lambda: w.mul_(as_float),
@@ -333,6 +336,8 @@ def bench_masking(args: argparse.Namespace) -> str:
         "w.masked_fill_(~mask, 0)": lambda: w.masked_fill_(~keep, 0),
         "w.masked_fill_(pruned, 0), inverse precomputed": lambda: w.masked_fill_(pruned, 0),
         "torch.where(mask, w, 0) (not in place)": lambda: torch.where(keep, w, 0.0),
+        "torch.where(mask, w, zero, out=w) (NaN-safe)": lambda: torch.where(keep, w, zero, out=w),
+        "w.view(torch.int32).mul_(bool_mask.view(torch.uint8)) (NaN-safe, what runs)": lambda: enforce(w, view_uint8),
     }
     extra_bytes = {
         "w.mul_(bool_mask)": keep.nbytes,
@@ -342,6 +347,8 @@ def bench_masking(args: argparse.Namespace) -> str:
         "w.masked_fill_(~mask, 0)": keep.nbytes,
         "w.masked_fill_(pruned, 0), inverse precomputed": pruned.nbytes,
         "torch.where(mask, w, 0) (not in place)": keep.nbytes,
+        "torch.where(mask, w, zero, out=w) (NaN-safe)": keep.nbytes,
+        "w.view(torch.int32).mul_(bool_mask.view(torch.uint8)) (NaN-safe, what runs)": keep.nbytes,
     }
     for fn in cases.values():  # warm-up
         for _ in range(20):
@@ -407,6 +414,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-rounds", type=int, default=31, help="interleaved samples per masking operation")
     p.add_argument("--micro-reps", type=int, default=100, help="calls per masking sample")
     p.add_argument("--no-micro", action="store_true", help="skip the masking micro-benchmark")
+    p.add_argument("--only-micro", action="store_true", help="run only the masking micro-benchmark")
     args = p.parse_args(argv)
     if (
         (args.steps is not None and args.steps < 1)
@@ -429,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     start = time.perf_counter()
     tables = []
-    for model_name in MODELS if args.model == "all" else [args.model]:
+    for model_name in [] if args.only_micro else MODELS if args.model == "all" else [args.model]:
         medians, ratios, memory = bench_training(model_name, args)
         tables.append(training_table(model_name, medians, ratios, memory, args))
     if not args.no_micro:

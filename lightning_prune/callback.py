@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
+from lightning_prune.checkpoint import checksums, verify_checksums
 from lightning_prune.core.dropout import DropoutAdjuster, ForwardTrace, layer_counts, weight_layers
 from lightning_prune.core.freezing import Freezer, trainable_parameters
 from lightning_prune.core.guard import AccuracyGuard, AccuracyGuardAction, AccuracyGuardMode, gentler
@@ -53,6 +54,49 @@ def _check_epochs(prune_epochs: Sequence[int] | None) -> list[int] | None:
     if any(b <= a for a, b in pairwise(epochs)):
         raise ValueError(f"`prune_epochs` must be strictly increasing (sorted, no duplicates), got {epochs}.")
     return epochs
+
+
+def upgrade_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpointed state of :class:`PruneRetrainCallback` in the current layout (older versions upgraded).
+
+    Version 1 (the first releases' ``done_epochs``, one prune per round) becomes ``done_rounds``.
+
+    Raises:
+        ValueError: If the state is not a mapping, its version is not a known one (a newer release wrote
+            it, say), or its masks are not a mapping of parameter names to tensors.
+
+    Example::
+
+        >>> upgrade_state({"version": 1, "pruner": {}, "done_epochs": [4, 8]})["done_rounds"]
+        [0, 1]
+    """
+    if not isinstance(state, Mapping):
+        raise ValueError(f"The checkpointed PruneRetrainCallback state must be a mapping, got {type(state).__name__}.")
+    version = state.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= _STATE_VERSION:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > _STATE_VERSION
+        raise ValueError(
+            f"The checkpointed PruneRetrainCallback state has version {version!r}; this lightning-prune reads "
+            f"versions 1 to {_STATE_VERSION}"
+            + (" (a newer lightning-prune wrote it: upgrade to load it)." if newer else ".")
+        )
+    upgraded = dict(state)
+    if version == 1:
+        upgraded["done_rounds"] = list(range(len(upgraded.pop("done_epochs", []) or [])))
+    upgraded["version"] = _STATE_VERSION
+    pruner = upgraded.get("pruner", {})
+    if not isinstance(pruner, Mapping) or not isinstance(pruner.get("masks", {}), Mapping):
+        raise ValueError(
+            f"The checkpointed PruneRetrainCallback state holds no mapping of masks (pruner: {type(pruner).__name__})."
+        )
+    return upgraded
+
+
+def _clips_by_norm(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Whether gradients may be clipped by their norm: by the trainer's setting, or a module's own clipping hook."""
+    overridden = type(pl_module).configure_gradient_clipping is not pl.LightningModule.configure_gradient_clipping
+    by_trainer = bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm != "value"
+    return by_trainer or overridden
 
 
 class PruneRetrainCallback(Callback):
@@ -281,6 +325,7 @@ class PruneRetrainCallback(Callback):
         self._trace: ForwardTrace | None = None
         self._traced = False
         self._l1_in_force = 0.0
+        self._clips_by_norm = False
         self._selected_cache: dict[int, list[torch.Tensor]] = {}
 
     @property
@@ -417,6 +462,7 @@ class PruneRetrainCallback(Callback):
             ]
         for optimizer in trainer.optimizers:
             self.pruner.attach(optimizer)
+        self._clips_by_norm = _clips_by_norm(trainer, pl_module)
         needs_optimizer = (
             self.l1 > 0
             or self.weight_decay is not None
@@ -630,11 +676,15 @@ class PruneRetrainCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        """Add the L1 term, then zero the gradients of pruned weights, before gradient clipping and the step."""
+        """Add the L1 term; under norm clipping also zero the pruned gradients now, so the norm leaves them out.
+
+        The optimizer's step masks them in any case, after clipping (see ``MagnitudePruner.attach``).
+        """
         assert self.pruner is not None
         if self._l1_in_force:
             add_l1_gradient(self._selected_in(optimizer), self._l1_in_force)
-        self.pruner.mask_gradients(optimizer)
+        if self._clips_by_norm:
+            self.pruner.mask_gradients(optimizer)
 
     def _selected_in(self, optimizer: Optimizer) -> list[torch.Tensor]:
         assert self.pruner is not None
@@ -717,9 +767,53 @@ class PruneRetrainCallback(Callback):
             state["snapshot"] = self._snapshot
         return state
 
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Record CRCs of the checkpoint's weights and of the masks in this callback's state."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is not None and "pruner" in state:
+            state["checksums"] = {
+                "state_dict": checksums(checkpoint.get("state_dict", {})),
+                "masks": checksums(state["pruner"].get("masks", {})),
+            }
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Refuse a checkpoint whose weights or masks changed since it was written (a corrupt file)."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if isinstance(state, Mapping):
+            verify_checksums(checkpoint, state, trainer.ckpt_path or "the checkpoint")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keep the checkpointed state until training starts, when the model is on its device."""
-        self._pending_state = dict(state_dict)
+        """Check and upgrade the checkpointed state, and keep it until training starts on the model's device.
+
+        Raises:
+            ValueError: If the state is from a newer version of this callback, or malformed.
+        """
+        self._pending_state = upgrade_state(state_dict)
+
+    def masks_from_checkpoint(
+        self, checkpoint: Mapping[str, Any], model: pl.LightningModule, path: str = "the checkpoint"
+    ) -> dict[str, torch.Tensor] | None:
+        """The masks of this callback's state in ``checkpoint``, checked against ``model`` (``None``: no such state).
+
+        The checkpoint's weights and masks are checked against the CRCs recorded when it was written, then
+        the state is restored as :meth:`restore` does (``model``'s pruned weights are zero afterwards).
+
+        Raises:
+            CheckpointError: If a weight or a mask changed since the checkpoint was written.
+            ValueError: If the state is from a newer version, or a mask is missing, mangled or does not fit.
+        """
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is None:
+            return None
+        if isinstance(state, Mapping):
+            verify_checksums(checkpoint, state, path)
+        self.restore(model, state)
+        assert self.pruner is not None
+        return dict(self.pruner.masks)
 
     def restore(self, model: pl.LightningModule, state: Mapping[str, Any]) -> None:
         """Bind to ``model`` and take a checkpointed state now: masks applied, dropout rates set, rounds done.
@@ -728,7 +822,7 @@ class PruneRetrainCallback(Callback):
         :func:`lightning_prune.fit_rounds` uses this between fits.
         """
         self.bind(model)
-        self._restore(state, resumed_optimizers=False)
+        self._restore(upgrade_state(state), resumed_optimizers=False)
         self._pending_state = None
 
     def _restore(self, state: Mapping[str, Any], resumed_optimizers: bool) -> None:

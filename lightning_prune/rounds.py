@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_prune.callback import PruneRetrainCallback
+from lightning_prune.checkpoint import read_checkpoint
 
 
 @dataclass
@@ -81,12 +81,10 @@ def _find_callback(callbacks: list[Any], callback: PruneRetrainCallback | None) 
 
 
 def _load_phase(path: Path, model: pl.LightningModule, callback: PruneRetrainCallback) -> None:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     model.load_state_dict(checkpoint["state_dict"])
-    state = checkpoint.get("callbacks", {}).get(callback.state_key)
-    if state is None:
+    if callback.masks_from_checkpoint(checkpoint, model, str(path)) is None:
         raise ValueError(f"{path} holds no state of {callback.state_key}; was it written by fit_rounds?")
-    callback.restore(model, state)
 
 
 def _validate(

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_prune.callback import PruneRetrainCallback
+from lightning_prune.checkpoint import CheckpointError, read_checkpoint
 from lightning_prune.core.export import SparseSizeReport, export_sparse
 from lightning_prune.core.selection import select_parameters
 from lightning_prune.core.structure import remove_dead_units, save_shrunk
@@ -61,15 +61,15 @@ class PruneTrainer(pl.Trainer):
         Raises:
             ValueError: If the trainer's callbacks hold no (or several) ``PruneRetrainCallback``.
         """
-        found = [c for c in self.callbacks if isinstance(c, PruneRetrainCallback)]
-        if len(found) != 1:
+        callback = self._prune_callback()
+        if callback is None:
             raise ValueError(
-                f"`rounds` needs exactly one PruneRetrainCallback in the trainer's callbacks, found {len(found)}. "
-                f"Add one under `trainer.callbacks` (class_path: lightning_prune.PruneRetrainCallback)."
+                "`rounds` needs a PruneRetrainCallback in the trainer's callbacks. "
+                "Add one under `trainer.callbacks` (class_path: lightning_prune.PruneRetrainCallback)."
             )
         return fit_rounds(
             model,
-            found[0],
+            callback,
             trainer_factory=self._phase_trainer,
             datamodule=datamodule,
             train_dataloaders=train_dataloaders,
@@ -111,7 +111,7 @@ class PruneTrainer(pl.Trainer):
             The sweep's result.
         """
         if checkpoint is not None:
-            model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+            _load_weights(model, read_checkpoint(checkpoint), checkpoint)
         result = analyze(model, datamodule=datamodule, levels=levels, layers=layers, criterion=criterion)
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -135,8 +135,9 @@ class PruneTrainer(pl.Trainer):
 
         Args:
             model: The LightningModule the checkpoint belongs to.
-            checkpoint: A checkpoint written while ``PruneRetrainCallback`` ran (its masks are read from
-                the callback's state; without one, the zeros of every Linear/Conv weight are the masks).
+            checkpoint: A checkpoint written while ``PruneRetrainCallback`` ran. The masks are read from the
+                state of the trainer's ``PruneRetrainCallback`` in it and checked against the model; without
+                such a callback or state, the zeros of every Linear/Conv weight are the masks.
             output: The compact file to write.
             shrink: First remove dead units (needs ``example_input_array`` on the module).
             shrunk_output: With ``shrink``, also save the shrunk dense model there (``save_shrunk``).
@@ -144,17 +145,15 @@ class PruneTrainer(pl.Trainer):
 
         Returns:
             The file's size report (bytes vs dense fp32 and vs the surviving values).
+
+        Raises:
+            CheckpointError: If the checkpoint cannot be read or does not fit the model.
+            ValueError: If the callback's state in it is from a newer version, or a mask is missing or mangled.
         """
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["state_dict"])
-        masks = next(
-            (
-                state["pruner"]["masks"]
-                for key, state in saved.get("callbacks", {}).items()
-                if key.startswith("PruneRetrainCallback") and state.get("pruner", {}).get("masks")
-            ),
-            None,
-        )
+        saved = read_checkpoint(checkpoint)
+        _load_weights(model, saved, checkpoint)
+        callback = self._prune_callback()
+        masks = callback.masks_from_checkpoint(saved, model, checkpoint) if callback is not None else None
         if masks is None:
             masks = {name: model.get_parameter(name) != 0 for name in select_parameters(model)}
         if shrink:
@@ -169,9 +168,22 @@ class PruneTrainer(pl.Trainer):
         rank_zero_info(f"lightning-prune: wrote {output}\n{size}")
         return size
 
+    def _prune_callback(self) -> PruneRetrainCallback | None:
+        found = [c for c in self.callbacks if isinstance(c, PruneRetrainCallback)]
+        if len(found) > 1:
+            raise ValueError(f"The trainer has {len(found)} PruneRetrainCallback callbacks; give it one.")
+        return found[0] if found else None
+
     def _phase_trainer(self, max_epochs: int, extra: list[Callback]) -> PruneTrainer:
         callbacks = self.init_kwargs.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         kwargs = {**self.init_kwargs, "max_epochs": max_epochs, "callbacks": [*callbacks, *extra]}
         kwargs.pop("max_steps", None)
         return type(self)(**kwargs)
+
+
+def _load_weights(model: pl.LightningModule, saved: dict[str, Any], path: str) -> None:
+    try:
+        model.load_state_dict(saved["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(f"Checkpoint {path!r} does not fit {type(model).__name__}: {err}") from err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from toy_models import ToyConvNet, ToyMLP, image_loader, make_trainer, toy_loader
 
 from lightning_prune import PruneRetrainCallback, PruningError
+from lightning_prune.checkpoint import CheckpointError
 
 
 class ZerosStayZeros(Callback):
@@ -64,6 +66,56 @@ def test_pruned_weights_stay_zero(tmp_path, optimizer, trainer_kwargs, manual):
         assert 0 < keep.sum() < keep.numel()
         assert torch.all(model.get_parameter(name)[~keep] == 0)
     assert prune.done_rounds == [0, 1]
+
+
+class PoisonedGradients(Callback):
+    """From the first prune on, writes NaN (or inf) into every masked weight's gradient after backward.
+
+    ``where`` is ``"pruned"`` (the first pruned entry), ``"alive"`` (the first alive one) or ``"both"``.
+    """
+
+    def __init__(self, prune: PruneRetrainCallback, where: str, value: float):
+        self.prune, self.where, self.value = prune, where, value
+
+    def on_after_backward(self, trainer, pl_module):
+        for name, keep in self.prune.pruner.masks.items():
+            flat, k = pl_module.get_parameter(name).grad.view(-1), keep.reshape(-1)
+            if self.where in ("pruned", "both"):
+                flat[(~k).nonzero()[0]] = self.value
+            if self.where in ("alive", "both"):
+                flat[k.nonzero()[0]] = self.value
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("where", ["pruned", "alive", "both"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_non_finite_gradients_never_reach_pruned_weights_or_their_state(tmp_path, optimizer, where, value, clip):
+    torch.manual_seed(0)
+    prune = PruneRetrainCallback(quality=0.8, prune_epochs=[1], verbose=False)
+    check = ZerosStayZeros(prune)
+    trainer = make_trainer(
+        tmp_path, [prune, PoisonedGradients(prune, where, value), check], max_epochs=3, gradient_clip_val=clip
+    )
+    trainer.fit(ToyMLP(optimizer=optimizer), toy_loader())
+    assert check.checked > 0
+
+
+class NoisyClipping(ToyMLP):
+    """Clips by norm, then adds noise to every gradient (as DP-SGD does) in its own clipping hook."""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+        for p in self.parameters():
+            p.grad.add_(torch.randn_like(p.grad))
+
+
+def test_gradients_rewritten_by_a_modules_own_clipping_hook_are_masked_again(tmp_path):
+    torch.manual_seed(0)
+    prune = PruneRetrainCallback(quality=0.8, prune_epochs=[1], verbose=False)
+    check = ZerosStayZeros(prune)
+    make_trainer(tmp_path, [prune, check], max_epochs=3).fit(NoisyClipping(), toy_loader())
+    assert check.checked > 0
 
 
 def test_surviving_weights_keep_training(tmp_path):
@@ -210,6 +262,75 @@ def test_checkpoint_is_plain_and_weights_only_loadable(tmp_path):
     for name, keep in masks.items():
         weight = restored.get_parameter(name)
         assert torch.all(weight[~keep] == 0) and torch.all(weight[keep] != 0)
+
+
+def _mangle_checkpoint(path, change, keep_checksums=False):
+    """Rewrite the callback's state in the checkpoint at ``path`` with ``change(state)``.
+
+    The CRCs the callback recorded are dropped unless ``keep_checksums``: the structural checks are under test.
+    """
+    ckpt = torch.load(path, weights_only=True)
+    (key,) = [k for k in ckpt["callbacks"] if k.startswith("PruneRetrainCallback")]
+    if not keep_checksums:
+        ckpt["callbacks"][key].pop("checksums")
+    change(ckpt["callbacks"][key])
+    torch.save(ckpt, path)
+
+
+def _set_mask(name, value):
+    return lambda state: state["pruner"]["masks"].__setitem__(name, value)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda s: s.__setitem__("version", 99), r"version 99; this lightning-prune reads versions 1 to 2 \(a newer"),
+        (lambda s: s.__setitem__("version", "2"), r"version '2'; this lightning-prune reads versions 1 to 2\."),
+        (lambda s: s["pruner"]["masks"].pop("net.3.weight"), r"records a prune of 'net\.3\.weight' but holds no mask"),
+        (_set_mask("net.3.weight", torch.ones(16, 32)), r"mask of 'net\.3\.weight' has shape \(16, 32\) and dtype"),
+        (_set_mask("net.3.weight", torch.ones(16, 31, dtype=torch.bool)), r"'net\.3\.weight' has shape \(16, 31\)"),
+        (_set_mask("net.3.weight", [[True]]), r"mask of 'net\.3\.weight' is a list, not a bool tensor"),
+        (_set_mask("net.9.weight", torch.ones(2, dtype=torch.bool)), r"masks include 'net\.9\.weight', which is not"),
+        (lambda s: s["pruner"].__setitem__("masks", [1, 2]), r"holds no mapping of masks"),
+    ],
+    ids=["newer", "mangled-version", "missing-mask", "float-mask", "wrong-shape", "list-mask", "unknown-name", "list"],
+)
+def test_a_bad_checkpointed_state_is_refused_with_a_clear_error(tmp_path, change, match):
+    _run(tmp_path, max_epochs=2, save=True)
+    _mangle_checkpoint(tmp_path / "last.ckpt", change)
+    with pytest.raises(ValueError, match=match):
+        _run(tmp_path, max_epochs=4, ckpt_path=tmp_path / "last.ckpt")
+
+
+@pytest.mark.parametrize("what", ["weight", "mask"])
+def test_resuming_from_a_checkpoint_whose_weights_or_masks_changed_is_refused(tmp_path, what):
+    _run(tmp_path, max_epochs=2, save=True)
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("PruneRetrainCallback")]
+    assert set(state["checksums"]["state_dict"]) == set(ckpt["state_dict"])
+    if what == "weight":
+        ckpt["state_dict"]["net.0.bias"][3] += 1e-6
+    else:
+        state["pruner"]["masks"]["net.3.weight"][0, 0] ^= True
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    name = "net.0.bias" if what == "weight" else "net.3.weight"
+    with pytest.raises(CheckpointError, match=rf"the {what}s? of '{name}' changed since the checkpoint was written"):
+        _run(tmp_path, max_epochs=4, ckpt_path=tmp_path / "last.ckpt")
+
+
+def test_a_version_1_state_still_loads(tmp_path):
+    _run(tmp_path, max_epochs=2, save=True)
+
+    def to_version_1(state):  # the first layout: prune epochs done instead of rounds done
+        masks = state["pruner"]["masks"]
+        state.clear()
+        state.update({"version": 1, "pruner": {"masks": masks}, "done_epochs": [1]})
+
+    _mangle_checkpoint(tmp_path / "last.ckpt", to_version_1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*runs late.*")  # round 0 is done: it must not run again
+        _, prune = _run(tmp_path, max_epochs=4, ckpt_path=tmp_path / "last.ckpt")
+    assert prune.done_rounds == [0, 1]  # round 0 taken from the old state, round 1 pruned at epoch 3
 
 
 def test_resume_from_a_dense_checkpoint_prunes_late(tmp_path):

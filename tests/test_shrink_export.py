@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import collections
+import random
+
 import pytest
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback
-from toy_models import RandomImages, ToyMLP, make_trainer, toy_loader
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from toy_models import RandomImages, SmallImages, ToyConvNet, ToyMLP, ToyResNet, image_loader, make_trainer, toy_loader
 
-from lightning_prune import PruneRetrainCallback
+from lightning_prune import PruneRetrainCallback, PruneTrainer
+from lightning_prune.checkpoint import CheckpointError
 from lightning_prune.cli import PruneCLI
 from lightning_prune.core import load_shrunk, load_sparse, shapes
 from lightning_prune.zoo import LeNet300100
@@ -40,6 +44,73 @@ def test_shrink_at_end_removes_dead_units_with_the_same_outputs(tmp_path):
         torch.testing.assert_close(model(record.inputs), record.outputs, atol=1e-5, rtol=1e-5)
     for name, keep in prune.pruner.masks.items():
         assert keep.shape == model.get_parameter(name).shape
+
+
+RESNET_PRUNE = {
+    "layers": ["model.layer1.0.conv1", "model.layer2.0.conv1"],
+    "criterion": "fraction",
+    "amount": 0.3,
+    "prune_epochs": [0],
+}
+
+
+class ConvBNNet(ToyConvNet):
+    def __init__(self):
+        super().__init__()
+        self.example_input_array = torch.randn(2, 1, 8, 8)
+        with torch.no_grad():
+            self.features[0].weight[1] = 0  # its BatchNorm channel loses its input at the prune
+
+    def forward(self, x):
+        return super().forward(x.view(-1, 1, 8, 8))
+
+
+@pytest.mark.parametrize("net", ["conv-bn", "resnet18"])
+def test_shrink_at_end_on_batchnorm_nets_in_train_mode(tmp_path, net):
+    torch.manual_seed(0)
+    record = OutputsBeforeShrink()
+    if net == "resnet18":
+        model, data, kwargs = ToyResNet(), SmallImages(), RESNET_PRUNE
+        record.inputs = torch.randn(4, 3, 32, 32)
+    else:
+        model, data, kwargs = ConvBNNet(), None, {"layers": ["features.0"], "quality": 0.0, "prune_epochs": [0]}
+        record.inputs = torch.randn(4, 1, 8, 8)
+    prune = PruneRetrainCallback(**kwargs, shrink_at_end=True, verbose=False)
+    trainer = make_trainer(tmp_path, [record, prune], max_epochs=1, limit_train_batches=2)
+    trainer.fit(model, datamodule=data) if data is not None else trainer.fit(model, image_loader())
+    first = "model.layer1.0.conv1" if net == "resnet18" else "features.0"
+    assert prune.structure_report is not None and prune.structure_report.removed_units.get(first, 0) >= 1
+    assert model.training  # fit leaves it in train mode, and the shrink does not change that
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(record.inputs), record.outputs, atol=1e-4, rtol=1e-4)
+
+
+def test_export_subcommand_shrinks_a_resnet18_checkpoint(tmp_path):
+    config = {
+        "model": {"class_path": "toy_models.ToyResNet"},
+        "data": {"class_path": "toy_models.SmallImages"},
+        "trainer": {
+            "max_epochs": 1,
+            "default_root_dir": str(tmp_path),
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "accelerator": "cpu",
+            "callbacks": [{"class_path": "lightning_prune.PruneRetrainCallback", "init_args": RESNET_PRUNE}],
+        },
+    }
+    path = tmp_path / "resnet.yaml"
+    path.write_text(yaml.safe_dump(config))
+    torch.manual_seed(0)
+    PruneCLI(args=["fit", "--config", str(path)])
+    (checkpoint,) = tmp_path.glob("**/*.ckpt")
+    shrunk = tmp_path / "resnet.shrunk.safetensors"
+    args = ["export", "--config", str(path), f"--checkpoint={checkpoint}", "--shrink=true"]
+    PruneCLI(args=[*args, f"--output={tmp_path / 'resnet.sparse.safetensors'}", f"--shrunk_output={shrunk}"])
+    fresh = ToyResNet()
+    load_shrunk(fresh, shrunk)
+    assert shapes(fresh)["model.layer1.0.conv1"][0] < 64
 
 
 def test_shrink_at_end_needs_an_example_input(tmp_path):
@@ -83,3 +154,41 @@ def test_export_subcommand_writes_a_compact_file_and_a_shrunk_model(tmp_path):
     kept = sum(int(m.sum()) * 4 for m in masks.values())
     dense_rest = sum(v.numel() * 4 for k, v in state.items() if k not in masks)
     assert output.stat().st_size <= 1.16 * kept + dense_rest + 4096
+
+
+def _export_outcome(trainer, checkpoint, output):
+    """``"error:<type>"`` or the exported file's tensors, for a (possibly damaged) checkpoint."""
+    try:
+        trainer.export(ToyMLP(), str(checkpoint), str(output))
+    except (CheckpointError, ValueError) as err:
+        return f"error:{type(err).__name__}"
+    return load_sparse(output)
+
+
+def test_export_of_a_damaged_checkpoint_fails_clearly_or_exports_the_same(tmp_path):
+    torch.manual_seed(0)
+    prune = PruneRetrainCallback(quality=0.8, prune_epochs=[1], verbose=False)
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    make_trainer(tmp_path, [prune, saver], max_epochs=2, enable_checkpointing=True).fit(ToyMLP(), toy_loader())
+    data = (tmp_path / "last.ckpt").read_bytes()
+    exporter = PruneTrainer(callbacks=[PruneRetrainCallback(quality=0.8, prune_epochs=[1], verbose=False)])
+    reference = _export_outcome(exporter, tmp_path / "last.ckpt", tmp_path / "ref.safetensors")
+    rng = random.Random(0)
+    outcomes = collections.Counter()
+    for i in range(240):
+        damaged = bytearray(data)
+        if i % 3:
+            pos = rng.randrange(len(damaged))
+            damaged[pos] ^= 1 << rng.randrange(8)
+        else:
+            damaged = damaged[: rng.randrange(len(damaged))]
+        (tmp_path / "m.ckpt").write_bytes(bytes(damaged))
+        got = _export_outcome(exporter, tmp_path / "m.ckpt", tmp_path / "m.safetensors")
+        if isinstance(got, str):
+            outcomes[got] += 1
+            continue
+        same = got[0].keys() == reference[0].keys() and all(torch.equal(got[0][k], reference[0][k]) for k in got[0])
+        same = same and all(torch.equal(got[1][k], reference[1][k]) for k in reference[1])
+        outcomes["same export" if same else "DIFFERENT export"] += 1
+    assert outcomes["DIFFERENT export"] == 0, outcomes
+    assert outcomes["error:CheckpointError"] > 100, outcomes

@@ -154,3 +154,45 @@ class RandomImages(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.x[:64], self.y[:64]), batch_size=self.batch_size)
+
+
+class ToyResNet(pl.LightningModule):
+    """torchvision's ResNet-18 on 3x32x32 images; ``dead`` output filters of each block's first conv start at zero.
+
+    With a fraction prune of those layers the zero filters go first: their BatchNorm channels then lose their
+    input, which is what dead-unit removal must handle in train mode.
+    """
+
+    def __init__(self, dead: int = 16, classes: int = 4):
+        super().__init__()
+        from torchvision.models import resnet18
+
+        self.model = resnet18(num_classes=classes)
+        with torch.no_grad():
+            for name in ("layer1.0.conv1", "layer2.0.conv1"):
+                self.model.get_submodule(name).weight[:dead] = 0
+        self.example_input_array = torch.randn(2, 3, 32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class SmallImages(pl.LightningDataModule):
+    """A few random 3x32x32 images with random labels, for the ResNet tests."""
+
+    def __init__(self, n: int = 16, batch_size: int = 8):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, 32, 32, generator=gen)
+        self.y = torch.randint(0, 4, (n,), generator=gen)
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size)

@@ -26,20 +26,31 @@ once the file header is counted; the byte-plane deflate of the values is what br
 the values' raw size (:func:`sparse_size_report` shows both parts).
 
 The file is plain safetensors (no pickle): unmasked tensors under their own names, masked ones as
-``<name>::values`` and ``<name>::index``; the metadata (format, version, and per tensor its shape,
-dtype, encodings and a CRC-32) is JSON. Any inconsistency raises :class:`SparseFormatError`.
+``<name>::values`` and ``<name>::index``; the metadata holds the format, the version (``"2"``), a
+SHA-256 of the whole file (computed with that field's 64 hex digits set to ``0``) and, as JSON, per
+tensor its shape, dtype and encodings. Loading reads the file once, checks the digest before it
+parses anything, then checks every name, type, count and size against the bytes present before it
+allocates, and decodes only what fits a memory limit tied to the file's size (``max_bytes``). Any
+problem raises :class:`SparseFormatError`. Files of version ``"1"`` (no digest, so their header
+cannot be verified) are refused: export them again. :func:`~lightning_prune.core.structure.save_shrunk`
+writes the same sealed container.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
+import math
 import os
+import re
+import reprlib
 import warnings
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from os import PathLike
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,10 +72,13 @@ __all__ = [
 ]
 
 FORMAT = "lightning_prune.sparse"
-VERSION = "1"
+VERSION = "2"
 _SEP = "::"
 _MAX_RICE_K = 24
-_MAX_NUMEL = 2**40
+_MAX_DIMS = 64
+_CHUNK = 2**16  # codes (bits of a bitmap or unary part: bytes) decoded at a time
+_MIN_LIMIT = 2**28  # max_bytes by default: 64 x the file size, at least 256 MiB
+_EXPANSION = 64
 
 _DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -79,10 +93,67 @@ _DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+# safetensors' dtype names (little-endian data)
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "C64": torch.complex64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ENTRY_KEYS = {
+    "dense": frozenset({"kind", "dtype", "shape"}),
+    "sparse": frozenset({"kind", "dtype", "shape", "alive", "positions", "values"}),
+}
+_POSITION_KEYS = {
+    "full": frozenset({"code"}),
+    "bitmap": frozenset({"code"}),
+    "gap8": frozenset({"code", "of", "codes"}),
+    "gap4": frozenset({"code", "of", "codes"}),
+    "rice": frozenset({"code", "of", "k", "unary"}),
+}
+_DEFLATABLE = ("bitmap", "gap8")
 
 
 class SparseFormatError(ValueError):
-    """A sparse file that is corrupt, truncated or inconsistent (the message names the file and the problem)."""
+    """A file of this library that is corrupt, truncated or inconsistent (the message names the file and the problem).
+
+    Raised by :func:`load_sparse` and friends, and by :func:`~lightning_prune.core.structure.load_shrunk`.
+    """
+
+
+class _DefectError(Exception):
+    """A problem found in a file; :func:`_fail` turns it into a :class:`SparseFormatError` naming the file."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlevel = 3
+
+
+def _show(value: Any) -> str:
+    """A short repr for messages: crafted metadata can hold long strings and lists, or deep nesting."""
+    return _REPR.repr(value)
+
+
+def _num(n: int) -> str:
+    """An int for messages; a huge one as a power of two."""
+    return f"{n:,}" if n < 10**30 else f"about 2**{n.bit_length() - 1}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -98,7 +169,8 @@ def _bytes(t: Tensor) -> bytes:
     return ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size())
 
 
-def _from_bytes(data: bytes) -> Tensor:
+def _from_bytes(data: bytes | memoryview) -> Tensor:
+    """A uint8 tensor holding a copy of ``data``."""
     if not data:
         return torch.empty(0, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -142,10 +214,24 @@ def _gap_codes(gaps: Tensor, top: int) -> Tensor:
     return codes
 
 
-def _gap_positions(codes: Tensor, top: int) -> Tensor:
-    codes = codes.to(torch.int64)
-    steps = torch.where(codes == 0, top, codes)
-    return (torch.cumsum(steps, 0) - 1)[codes != 0]
+def _gap_marks(codes: Tensor, top: int, keep: Tensor) -> int:
+    """Set the positions marked by gap codes in ``keep``, ``_CHUNK`` codes at a time; returns how many.
+
+    The codes must not end with a filler. Each step is ``>= 1``, so the positions increase.
+    """
+    if codes.numel() and int(codes[-1]) == 0:
+        raise _DefectError("the gap codes end with a filler code")
+    end, marked = 0, 0
+    for start in range(0, codes.numel(), _CHUNK):
+        chunk = codes[start : start + _CHUNK]
+        ends = chunk.to(torch.int64).masked_fill_(chunk == 0, top).cumsum_(0).add_(end - 1)
+        end = int(ends[-1]) + 1
+        if end > keep.numel():
+            raise _DefectError(f"the index points past the end of the tensor ({end - 1} >= {keep.numel()})")
+        positions = ends[chunk != 0]
+        keep[positions] = True
+        marked += positions.numel()
+    return marked
 
 
 def _rice_size(gaps: Tensor, k: int) -> int:
@@ -177,22 +263,37 @@ def _rice_encode(gaps: Tensor, k: int) -> tuple[Tensor, int]:
     return torch.cat([unary, rest]), unary.numel()
 
 
-def _rice_decode(data: Tensor, k: int, count: int, unary_bytes: int) -> Tensor:
-    if unary_bytes > data.numel():
-        raise ValueError(f"the unary part ({unary_bytes} bytes) is longer than the index ({data.numel()} bytes)")
-    zeros = (~_unpack_bits(data[:unary_bytes])).nonzero().flatten()
-    if zeros.numel() != count:
-        raise ValueError(f"the unary part holds {zeros.numel()} codes, {count} expected")
-    q = torch.diff(zeros, prepend=torch.tensor([-1], dtype=torch.int64)) - 1
-    rest_bytes = (count * k + 7) // 8
-    if data.numel() != unary_bytes + rest_bytes:
-        raise ValueError(f"the index has {data.numel()} bytes, {unary_bytes + rest_bytes} expected")
-    if k:
-        bits = _unpack_bits(data[unary_bytes:])[: count * k].view(count, k).to(torch.int64)
-        r = (bits << torch.arange(k - 1, -1, -1, dtype=torch.int64)).sum(1)
-    else:
-        r = torch.zeros(count, dtype=torch.int64)
-    return torch.cumsum((q << k) + r + 1, 0) - 1
+def _rice_marks(data: Tensor, k: int, count: int, unary: int, keep: Tensor) -> int:
+    """Set the positions of a Rice code in ``keep``, ``_CHUNK`` bits of its unary part at a time; returns how many.
+
+    The sizes are checked by :func:`_index_size`; here the bits: ``count`` codes, no position past the
+    end, padding of fewer than 8 bits (ones after the unary part, zeros after the remainders).
+    """
+    weights = 1 << torch.arange(k - 1, -1, -1)
+    last_zero, last, done = -1, -1, 0
+    for start in range(0, unary, _CHUNK // 8):
+        zeros = (~_unpack_bits(data[start : min(unary, start + _CHUNK // 8)])).nonzero().flatten().add_(8 * start)
+        m = zeros.numel()
+        if done + m > count:
+            raise _DefectError(f"the unary part holds more than the {count} codes expected")
+        if not m:
+            continue
+        gaps = ((torch.diff(zeros, prepend=torch.tensor([last_zero])) - 1) << k) + 1
+        if k:
+            low = 8 * unary + done * k
+            bits = _unpack_bits(data[low // 8 : (low + m * k + 7) // 8])[low % 8 : low % 8 + m * k]
+            gaps += (bits.view(m, k) * weights).sum(1)
+        if last + int(gaps.sum()) >= keep.numel():
+            raise _DefectError(f"the index points past the end of the tensor ({keep.numel()} entries)")
+        positions = gaps.cumsum_(0).add_(last)
+        keep[positions] = True
+        last, last_zero, done = int(positions[-1]), int(zeros[-1]), done + m
+    if 8 * unary - last_zero - 1 >= 8:
+        raise _DefectError("the unary part is padded with 8 or more bits")
+    spare = -count * k % 8
+    if done == count and spare and int(data[-1]) & ((1 << spare) - 1):
+        raise _DefectError("the remainder bits are padded with set bits")
+    return done
 
 
 def _candidates(keep: Tensor) -> list[tuple[dict[str, Any], Tensor]]:
@@ -227,57 +328,99 @@ def _encode_positions(keep: Tensor) -> tuple[dict[str, Any], Tensor]:
     return min(options, key=lambda item: item[1].numel())
 
 
-def _decode_positions(desc: Mapping[str, Any], data: Tensor, numel: int, alive: int) -> Tensor:
-    """The flat bool mask described by ``desc``; raises ``ValueError`` on any inconsistency."""
-    code = desc.get("code")
-    if "deflate" in desc:
-        raw = zlib.decompress(_bytes(data))
-        if len(raw) != desc["deflate"]:
-            raise ValueError(f"the inflated index has {len(raw)} bytes, {desc['deflate']} expected")
-        data = _from_bytes(raw)
+def _index_size(desc: Mapping[str, Any], numel: int, alive: int) -> int:
+    """Bytes the (inflated) index of a position description must have; checks its fields, allocates nothing."""
+    code = desc["code"]
     if code == "full":
-        if alive != numel or data.numel():
-            raise ValueError("code 'full' needs every entry alive and no index bytes")
-        return torch.ones(numel, dtype=torch.bool)
+        if alive != numel:
+            raise _DefectError(f"code 'full' needs every entry alive, {alive} of {numel} are")
+        return 0
     if code == "bitmap":
-        if data.numel() != (numel + 7) // 8:
-            raise ValueError(f"the bitmap has {data.numel()} bytes, {(numel + 7) // 8} expected")
-        bits = _unpack_bits(data)
-        if bits[numel:].any():
-            raise ValueError("the bitmap has bits set past the end of the tensor")
-        keep = bits[:numel]
-        if int(keep.sum()) != alive:
-            raise ValueError(f"the bitmap marks {int(keep.sum())} entries alive, {alive} expected")
-        return keep
-    of = desc.get("of")
-    if of not in ("alive", "pruned"):
-        raise ValueError(f"unknown position set {of!r} (expected 'alive' or 'pruned')")
-    count = alive if of == "alive" else numel - alive
-    if code in ("gap8", "gap4"):
-        codes = int(desc["codes"])
-        if code == "gap8":
-            if data.numel() != codes:
-                raise ValueError(f"the index has {data.numel()} bytes, {codes} expected")
-            positions = _gap_positions(data, 255)
-        else:
-            if data.numel() != (codes + 1) // 2:
-                raise ValueError(f"the index has {data.numel()} bytes, {(codes + 1) // 2} expected")
-            nibbles = torch.stack([data >> 4, data & 15], 1).flatten()[:codes]
-            positions = _gap_positions(nibbles, 15)
-    elif code == "rice":
-        k = int(desc["k"])
-        if not 0 <= k <= _MAX_RICE_K:
-            raise ValueError(f"Rice parameter k={k} out of range [0, {_MAX_RICE_K}]")
-        positions = _rice_decode(data, k, count, int(desc["unary"]))
-    else:
-        raise ValueError(f"unknown position code {code!r} (expected full, bitmap, gap8, gap4 or rice)")
-    if positions.numel() != count:
-        raise ValueError(f"the index marks {positions.numel()} positions, {count} expected")
-    if count and int(positions[-1]) >= numel:
-        raise ValueError(f"the index points past the end of the tensor ({int(positions[-1])} >= {numel})")
+        return (numel + 7) // 8
+    if desc["of"] not in ("alive", "pruned"):
+        raise _DefectError(f"unknown position set {_show(desc['of'])} (expected 'alive' or 'pruned')")
+    count = alive if desc["of"] == "alive" else numel - alive
+    if code == "rice":
+        k, unary = desc["k"], desc["unary"]
+        if not _is_int(k) or not 0 <= k <= _MAX_RICE_K:
+            raise _DefectError(f"Rice parameter k={_show(k)} is not an int in [0, {_MAX_RICE_K}]")
+        # the unary part holds one zero per code and one one per unit of quotient: sum(q) <= numel - count
+        if not _is_int(unary) or not (count + 7) // 8 <= unary <= (numel + 7) // 8:
+            raise _DefectError(f"unary length {_show(unary)} outside [{(count + 7) // 8}, {(numel + 7) // 8}] bytes")
+        return unary + (count * k + 7) // 8
+    codes = desc["codes"]
+    if not _is_int(codes) or not count <= codes <= numel:  # one code per position, each advancing >= 1
+        raise _DefectError(f"code count {_show(codes)} outside [{count}, {numel}]")
+    return codes if code == "gap8" else (codes + 1) // 2
+
+
+def _check_positions(desc: Any, index: Tensor, numel: int, alive: int) -> None:
+    """Check a position description against its stored index and the counts; allocates nothing."""
+    code = desc.get("code") if isinstance(desc, dict) else None
+    if not isinstance(code, str) or code not in _POSITION_KEYS:
+        raise _DefectError(f"unknown position code {_show(code)} (expected full, bitmap, gap8, gap4 or rice)")
+    keys = _POSITION_KEYS[code] | ({"deflate"} if code in _DEFLATABLE and "deflate" in desc else set())
+    if set(desc) != keys:
+        raise _DefectError(f"position code {code!r} has the fields {_show(sorted(desc))}, expected {sorted(keys)}")
+    if index.dtype != torch.uint8 or index.dim() != 1:
+        raise _DefectError(f"the index must be 1-D uint8, got {list(index.shape)} {index.dtype}")
+    size = _index_size(desc, numel, alive)
+    if "deflate" in desc and (not _is_int(desc["deflate"]) or desc["deflate"] != size):
+        raise _DefectError(f"the index inflates to {_show(desc['deflate'])} bytes, {size} expected")
+    if "deflate" not in desc and index.numel() != size:
+        raise _DefectError(f"the index has {index.numel()} bytes, {size} expected")
+
+
+def _inflate(blob: bytes, size: int, what: str) -> bytes:
+    """Inflate a zlib stream that must give exactly ``size`` bytes; at most ``size + 1`` are ever produced."""
+    stream = zlib.decompressobj()
+    try:
+        out = stream.decompress(blob, size + 1)
+    except zlib.error as err:
+        raise _DefectError(f"the deflated {what} is corrupt ({err})") from err
+    if len(out) != size or not stream.eof or stream.unused_data:
+        raise _DefectError(f"the deflated {what} does not inflate to exactly {size} bytes")
+    return out
+
+
+def _bitmap(data: Tensor, numel: int, alive: int) -> Tensor:
+    keep = torch.empty(8 * data.numel(), dtype=torch.bool)
+    for start in range(0, data.numel(), _CHUNK):
+        keep[8 * start : 8 * (start + _CHUNK)] = _unpack_bits(data[start : start + _CHUNK])
+    if keep[numel:].any():
+        raise _DefectError("the bitmap has bits set past the end of the tensor")
+    keep = keep[:numel]
+    if int(keep.sum()) != alive:
+        raise _DefectError(f"the bitmap marks {int(keep.sum())} entries alive, {alive} expected")
+    return keep
+
+
+def _decode_positions(desc: Mapping[str, Any], data: Tensor, numel: int, alive: int) -> Tensor:
+    """The flat bool mask of a description checked by :func:`_check_positions`; raises on bad bits.
+
+    Temporaries stay within a few MiB (``_CHUNK``), besides the inflated index and the mask.
+    """
+    code = desc["code"]
+    if code == "full":
+        return torch.ones(numel, dtype=torch.bool)
+    if "deflate" in desc:
+        data = _from_bytes(_inflate(_bytes(data), desc["deflate"], "index"))
+    if code == "bitmap":
+        return _bitmap(data, numel, alive)
+    count = alive if desc["of"] == "alive" else numel - alive
     keep = torch.zeros(numel, dtype=torch.bool)
-    keep[positions] = True
-    return keep if of == "alive" else ~keep
+    if code == "rice":
+        marked = _rice_marks(data, desc["k"], count, desc["unary"], keep)
+    elif code == "gap8":
+        marked = _gap_marks(data, 255, keep)
+    else:
+        nibbles = torch.stack([data >> 4, data & 15], 1).flatten()
+        if desc["codes"] % 2 and int(nibbles[-1]):
+            raise _DefectError("the pad nibble of the gap4 codes is set")
+        marked = _gap_marks(nibbles[: desc["codes"]], 15, keep)
+    if marked != count:
+        raise _DefectError(f"the index marks {marked} positions, {count} expected")
+    return keep if desc["of"] == "alive" else keep.logical_not_()
 
 
 def _code_name(desc: Mapping[str, Any]) -> str:
@@ -330,35 +473,248 @@ def _encode_values(values: Tensor, compress: bool) -> tuple[dict[str, Any], Tens
     return {"codec": "planes", "planes": desc}, _from_bytes(blob)
 
 
-def _decode_values(desc: Mapping[str, Any], stored: Tensor, dtype: torch.dtype, count: int) -> Tensor:
-    codec = desc.get("codec")
+def _is_plane(plane: Any, count: int) -> bool:
+    if not isinstance(plane, list) or len(plane) != 2 or not _is_int(plane[1]):
+        return False
+    return (plane[0] == "raw" and plane[1] == count) or (plane[0] == "deflate" and plane[1] >= 0)
+
+
+def _check_values(desc: Any, stored: Tensor, dtype: torch.dtype, count: int) -> None:
+    """Check a value description against the stored values and the alive count; allocates nothing."""
+    codec = desc.get("codec") if isinstance(desc, dict) else None
     if codec == "raw":
-        if stored.dtype != dtype or stored.numel() != count:
-            raise ValueError(f"the values are {stored.numel()} x {stored.dtype}, {count} x {dtype} expected")
-        return stored.reshape(-1)
+        if set(desc) != {"codec"}:
+            raise _DefectError(f"value codec 'raw' has the fields {_show(sorted(desc))}, expected ['codec']")
+        if stored.dtype != dtype or tuple(stored.shape) != (count,):
+            raise _DefectError(
+                f"the values are stored as {list(stored.shape)} {stored.dtype}, [{count}] {dtype} expected"
+            )
+        return
     if codec != "planes":
-        raise ValueError(f"unknown value codec {codec!r} (expected 'raw' or 'planes')")
-    size = torch.empty(0, dtype=dtype).element_size()
-    planes_desc = desc.get("planes")
-    if not isinstance(planes_desc, list) or len(planes_desc) != size:
-        raise ValueError(f"the value codec lists {planes_desc!r}, {size} byte planes expected")
-    blob = _bytes(stored)
-    if stored.dtype != torch.uint8 or len(blob) != sum(int(n) for _, n in planes_desc):
-        raise ValueError(f"the values blob has {len(blob)} bytes, {sum(int(n) for _, n in planes_desc)} expected")
-    planes, offset = [], 0
-    for kind, length in planes_desc:
-        chunk = blob[offset : offset + int(length)]
-        offset += int(length)
-        if kind == "deflate":
-            chunk = zlib.decompress(chunk)
-        elif kind != "raw":
-            raise ValueError(f"unknown plane codec {kind!r}")
-        if len(chunk) != count:
-            raise ValueError(f"a byte plane has {len(chunk)} bytes, {count} expected")
-        planes.append(_from_bytes(chunk))
-    if count == 0:
-        return torch.empty(0, dtype=dtype)
-    return torch.stack(planes, 1).contiguous().view(dtype).reshape(-1)
+        raise _DefectError(f"unknown value codec {_show(codec)} (expected 'raw' or 'planes')")
+    planes = desc.get("planes")
+    if set(desc) != {"codec", "planes"} or not isinstance(planes, list) or len(planes) != dtype.itemsize:
+        raise _DefectError(f"the value codec lists {_show(planes)}, {dtype.itemsize} byte planes expected")
+    if not all(_is_plane(plane, count) for plane in planes):
+        raise _DefectError(f"the byte planes {_show(planes)} must each be ['raw', {count}] or ['deflate', bytes]")
+    total = sum(length for _, length in planes)
+    if stored.dtype != torch.uint8 or stored.dim() != 1 or stored.numel() != total:
+        raise _DefectError(f"the values are stored as {list(stored.shape)} {stored.dtype}, [{total}] uint8 expected")
+
+
+def _decode_values(desc: Mapping[str, Any], stored: Tensor, dtype: torch.dtype, count: int) -> Tensor:
+    """The values of a description checked by :func:`_check_values`; raises ``_DefectError`` on a bad plane."""
+    if desc["codec"] == "raw":
+        return stored
+    out, offset = torch.empty(count, dtype.itemsize, dtype=torch.uint8), 0
+    for plane, (kind, length) in enumerate(desc["planes"]):
+        chunk = stored[offset : offset + length]
+        offset += length
+        out[:, plane] = _from_bytes(_inflate(_bytes(chunk), count, "byte plane")) if kind == "deflate" else chunk
+    if dtype == torch.bool and bool((out > 1).any()):
+        raise _DefectError("bool values other than 0 and 1")
+    return out.view(dtype).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sealed safetensors files: a SHA-256 of the whole file in the metadata, verified before anything is parsed
+# ---------------------------------------------------------------------------------------------------------------------
+
+_DIGEST_KEY = "sha256"
+_BLANK = b"0" * 64
+_DIGEST_FIELD = re.compile(rb'"sha256":"([0-9a-f]{64})"')  # a raw quote never occurs inside a JSON string
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """A file format of this library: its name, version and metadata keys, and how messages call it."""
+
+    format: str
+    version: str
+    keys: frozenset[str]
+    label: str
+    writer: str
+
+
+_SPARSE = _Kind(
+    FORMAT, VERSION, frozenset({"format", "version", _DIGEST_KEY, "entries"}), "Sparse file", "export_sparse"
+)
+
+
+def _fail(path: str | PathLike[str], problem: str, label: str = "Sparse file") -> SparseFormatError:
+    return SparseFormatError(f"{label} {os.fspath(path)!r}: {problem}")
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DefectError(f"duplicate key {_show(key)}")
+        out[key] = value
+    return out
+
+
+def _constant(token: str) -> Any:
+    raise _DefectError(f"non-finite number {token}")
+
+
+def _strict_json(text: str | bytes, what: str) -> Any:
+    """Parse JSON that has no duplicate keys and no ``NaN``/``Infinity``; any failure raises ``_DefectError``."""
+    try:
+        return json.loads(
+            text.decode("utf-8") if isinstance(text, bytes) else text,
+            object_pairs_hook=_unique,
+            parse_constant=_constant,
+        )
+    except _DefectError as err:
+        raise _DefectError(f"{what}: {err}") from err
+    except (ValueError, RecursionError, MemoryError) as err:  # bad syntax or UTF-8, ints over 4300 digits, nesting
+        raise _DefectError(f"{what} is not valid JSON ({type(err).__name__}: {_show(str(err))})") from err
+
+
+def _digest_at(data: bytes) -> int | None:
+    """Offset of the hex digits of the only digest field in the header, ``None`` if there is not exactly one."""
+    if len(data) < 8:
+        raise _DefectError(f"truncated: {len(data)} bytes, fewer than the 8 of the header length")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise _DefectError(f"truncated or corrupt: the header length says {_num(size)} bytes, {len(data) - 8} follow")
+    found = list(_DIGEST_FIELD.finditer(data, 8, 8 + size))
+    return found[0].start(1) if len(found) == 1 else None
+
+
+def _digest(data: bytes, at: int) -> str:
+    """SHA-256 of the file with the 64 digits at ``at`` read as ``0``."""
+    view = memoryview(data)
+    digest = hashlib.sha256(view[:at])
+    digest.update(_BLANK)
+    digest.update(view[at + 64 :])
+    return digest.hexdigest()
+
+
+def _seal(data: bytes) -> bytes:
+    """Fill in the digest field of safetensors bytes (also used by the tests to re-seal crafted files)."""
+    at = _digest_at(data)
+    if at is None:
+        raise ValueError("the header has no digest field, or more than one")
+    return data[:at] + _digest(data, at).encode() + data[at + 64 :]
+
+
+def _write_sealed(path: str | PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file whose metadata also holds the SHA-256 of the whole file."""
+    from safetensors.torch import save
+
+    Path(path).write_bytes(_seal(save(dict(tensors), metadata={**metadata, _DIGEST_KEY: _BLANK.decode()})))
+
+
+def _wrong_kind(metadata: Mapping[str, Any], kind: _Kind) -> str | None:
+    """Why the format or version is not ``kind``'s, or ``None``."""
+    fmt, version = metadata.get("format"), metadata.get("version")
+    if fmt != kind.format:
+        return (
+            f"not a {kind.label.lower()}: metadata format is {_show(fmt)}, expected {kind.format!r} "
+            f"(write it with {kind.writer}())"
+        )
+    if version == "1":
+        return (
+            f"format version '1': such files carry no checksum of their header, so they cannot be verified; "
+            f"this code reads version {kind.version!r}: write the file again with {kind.writer}() from the model "
+            f"or its checkpoint"
+        )
+    if version != kind.version:
+        return f"format version {_show(version)}; this code reads version {kind.version!r}"
+    return None
+
+
+def _unsealed(data: bytes, kind: _Kind) -> str:
+    """Why a file without exactly one digest field is refused: another format or version, or corruption."""
+    size = int.from_bytes(data[:8], "little")
+    try:
+        header = _strict_json(data[8 : 8 + size], "the safetensors header")
+    except _DefectError as err:
+        return f"not a readable safetensors file ({err})"
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    wrong = _wrong_kind(metadata if isinstance(metadata, dict) else {}, kind)
+    return wrong or "the checksum field of the header is missing or damaged: the file is corrupt"
+
+
+def _tensor_info(name: str, info: Any) -> tuple[str, torch.dtype, tuple[int, ...], int, int]:
+    """``(name, dtype, shape, begin, end)`` of a header entry; its byte span must fit its shape and dtype."""
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise _DefectError(f"tensor {_show(name)}: the header entry must hold exactly dtype, shape and data_offsets")
+    dtype = _ST_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None:
+        raise _DefectError(f"tensor {_show(name)}: unsupported dtype {_show(info['dtype'])}")
+    shape = _dims(info["shape"])
+    span = info["data_offsets"]
+    if not isinstance(span, list) or len(span) != 2 or not all(_is_int(o) for o in span) or not 0 <= span[0] <= span[1]:
+        raise _DefectError(f"tensor {_show(name)}: bad data_offsets {_show(span)}")
+    if span[1] - span[0] != math.prod(shape) * dtype.itemsize:
+        raise _DefectError(
+            f"tensor {_show(name)}: {list(shape)} {dtype} does not take the {span[1] - span[0]} bytes of its offsets"
+        )
+    return name, dtype, shape, span[0], span[1]
+
+
+def _dims(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > _MAX_DIMS or not all(_is_int(s) and s >= 0 for s in value):
+        raise _DefectError(f"bad shape {_show(value)} (a list of at most {_MAX_DIMS} non-negative ints expected)")
+    return tuple(value)
+
+
+def _header(data: bytes) -> tuple[dict[str, str], list[tuple[str, torch.dtype, tuple[int, ...], int, int]]]:
+    """The metadata and the tensor layout; the tensors must tile the data section exactly."""
+    size = int.from_bytes(data[:8], "little")
+    header = _strict_json(data[8 : 8 + size], "the header")
+    metadata = header.pop("__metadata__", None) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _DefectError("the header must be a JSON object with a '__metadata__' object of strings")
+    layout = sorted((_tensor_info(name, info) for name, info in header.items()), key=lambda t: (t[3], t[4]))
+    end = 0
+    for name, _, _, begin, stop in layout:
+        if begin != end:
+            raise _DefectError(
+                f"tensor {_show(name)} starts at byte {begin} of the data, {end} expected (a gap or an overlap)"
+            )
+        end = stop
+    if end != len(data) - 8 - size:
+        raise _DefectError(f"the tensors take {end} bytes, the data section has {len(data) - 8 - size}")
+    return metadata, layout
+
+
+def _read_sealed(path: str | PathLike[str], kind: _Kind) -> tuple[dict[str, str], dict[str, Tensor], int]:
+    """Metadata, tensors and file size of a sealed file, verified in this order: header length, digest, layout.
+
+    Raises:
+        SparseFormatError: On any problem (names the file). ``OSError`` (a missing file) passes through.
+    """
+    data = Path(path).read_bytes()
+    try:
+        at = _digest_at(data)
+        if at is None:
+            raise _DefectError(_unsealed(data, kind))
+        if _digest(data, at) != data[at : at + 64].decode():
+            raise _DefectError(
+                "checksum mismatch: the SHA-256 of the file is not the one in its header; the file is corrupt"
+            )
+        try:
+            metadata, layout = _header(data)
+        except _DefectError as err:
+            raise _DefectError(f"not a readable safetensors file ({err})") from err
+        wrong = _wrong_kind(metadata, kind)
+        if wrong is not None:
+            raise _DefectError(wrong)
+        if set(metadata) != kind.keys or metadata[_DIGEST_KEY] != data[at : at + 64].decode():
+            raise _DefectError(f"the metadata holds {_show(sorted(metadata))}, expected {sorted(kind.keys)}")
+        start, tensors = 8 + int.from_bytes(data[:8], "little"), {}
+        for name, dtype, shape, begin, end in layout:
+            raw = _from_bytes(memoryview(data)[start + begin : start + end])
+            if dtype == torch.bool and bool((raw > 1).any()):
+                raise _DefectError(f"tensor {_show(name)}: bool bytes other than 0 and 1")
+            tensors[name] = raw.view(dtype).view(shape)
+    except _DefectError as err:
+        raise _fail(path, str(err), kind.label) from err
+    return metadata, tensors, len(data)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -518,8 +874,6 @@ def export_sparse(
         >>> report.compression > 8
         True
     """
-    from safetensors.torch import save_file
-
     state = _state_of(model_or_state_dict)
     for name, keep in masks.items():
         if name not in state:
@@ -540,136 +894,177 @@ def export_sparse(
         entry: dict[str, Any] = {"dtype": _NAMES[value.dtype], "shape": list(value.shape)}
         if name not in masks:
             entry["kind"] = "dense"
-            entry["crc32"] = zlib.crc32(_bytes(value))
             tensors[name] = value
         else:
             keep = masks[name].detach().to("cpu").reshape(-1)
             positions, index = _encode_positions(keep)
             values_desc, stored = _encode_values(value.reshape(-1)[keep], compress_values)
             entry.update(kind="sparse", alive=int(keep.sum()), positions=positions, values=values_desc)
-            entry["crc32"] = zlib.crc32(_bytes(index), zlib.crc32(_bytes(stored)))
             tensors[f"{name}{_SEP}values"] = stored.contiguous()
             tensors[f"{name}{_SEP}index"] = index.contiguous()
         entries[name] = entry
     metadata = {"format": FORMAT, "version": VERSION, "entries": json.dumps(entries, separators=(",", ":"))}
-    save_file(tensors, str(path), metadata=metadata)
+    _write_sealed(path, tensors, metadata)
     return sparse_size_report(path)
 
 
-def _fail(path: str | PathLike[str], problem: str) -> SparseFormatError:
-    return SparseFormatError(f"Sparse file {os.fspath(path)!r}: {problem}")
+@dataclass(frozen=True)
+class _Entry:
+    """A checked entry of a sparse file (``positions``/``values`` are ``None`` for a dense tensor)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    alive: int
+    positions: Mapping[str, Any] | None = None
+    values: Mapping[str, Any] | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def cost(self) -> int:
+        """Bytes the decoded tensor takes, with its mask."""
+        return self.numel * (self.dtype.itemsize + (self.positions is not None))
 
 
-def _read(path: str | PathLike[str]) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
-    """Entries and stored tensors, after checking the header (raises :class:`SparseFormatError`)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(os.fspath(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # safetensors raises its own error types for truncated or malformed files
-        raise _fail(path, f"not a readable safetensors file ({type(err).__name__}: {err})") from err
-    if metadata.get("format") != FORMAT:
-        raise _fail(path, f"metadata format is {metadata.get('format')!r}, expected {FORMAT!r}")
-    if metadata.get("version") != VERSION:
-        raise _fail(path, f"format version {metadata.get('version')!r}; this code reads version {VERSION!r}")
-    try:
-        entries = json.loads(metadata.get("entries", ""))
-    except json.JSONDecodeError as err:
-        raise _fail(path, f"the 'entries' metadata is not valid JSON ({err})") from err
-    if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
-        raise _fail(path, "the 'entries' metadata must map tensor names to objects")
-    return entries, tensors
+def _stored(tensors: Mapping[str, Tensor], key: str) -> Tensor:
+    if key not in tensors:
+        raise _DefectError(f"its tensor {key!r} is missing")
+    return tensors[key]
 
 
-def _shape(entry: Mapping[str, Any]) -> tuple[int, ...]:
-    shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise ValueError(f"bad shape {shape!r}")
-    return tuple(shape)
-
-
-def _decode_entry(name: str, entry: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-    dtype = _DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
-    if dtype is None:
-        raise ValueError(f"unknown dtype {entry.get('dtype')!r}")
-    shape = _shape(entry)
-    numel = 1
-    for s in shape:
-        numel *= s
-    if numel > _MAX_NUMEL:
-        raise ValueError(f"shape {list(shape)} has {numel} entries, more than the {_MAX_NUMEL} this reader accepts")
+def _check_entry(name: str, entry: Any, tensors: Mapping[str, Tensor]) -> _Entry:
+    """Check one entry against the stored tensors: every count and size, before anything is decoded."""
+    if _SEP in name:
+        raise _DefectError(f"the name contains {_SEP!r}, which the format reserves")
+    if not isinstance(entry, dict):
+        raise _DefectError(f"must be an object, got {_show(entry)}")
     kind = entry.get("kind")
+    keys = _ENTRY_KEYS.get(kind) if isinstance(kind, str) else None
+    if keys is None:
+        raise _DefectError(f"unknown kind {_show(kind)} (expected 'dense' or 'sparse')")
+    if set(entry) != keys:
+        raise _DefectError(f"the fields are {_show(sorted(entry))}, expected {sorted(keys)}")
+    dtype = _DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    if dtype is None:
+        raise _DefectError(f"unknown dtype {_show(entry['dtype'])}")
+    shape = _dims(entry["shape"])
+    numel = math.prod(shape)
+    if numel >= 2**62:  # beyond any memory; keeps every count below in int64 and printable
+        raise _DefectError(f"shape {_show(list(shape))} has {_num(numel)} entries")
     if kind == "dense":
-        if name not in tensors:
-            raise ValueError("its tensor is missing")
-        value = tensors[name]
+        value = _stored(tensors, name)
         if value.dtype != dtype or tuple(value.shape) != shape:
-            raise ValueError(f"stored as {tuple(value.shape)} {value.dtype}, metadata says {shape} {dtype}")
-        if zlib.crc32(_bytes(value)) != entry.get("crc32"):
-            raise ValueError("CRC-32 mismatch: the data is corrupt")
-        return value, None
-    if kind != "sparse":
-        raise ValueError(f"unknown kind {kind!r} (expected 'dense' or 'sparse')")
-    stored, index = tensors.get(f"{name}{_SEP}values"), tensors.get(f"{name}{_SEP}index")
-    if stored is None or index is None:
-        raise ValueError(f"{name}{_SEP}values or {name}{_SEP}index is missing")
-    if index.dtype != torch.uint8 or index.dim() != 1:
-        raise ValueError(f"the index must be 1-D uint8, got {tuple(index.shape)} {index.dtype}")
-    if zlib.crc32(_bytes(index), zlib.crc32(_bytes(stored))) != entry.get("crc32"):
-        raise ValueError("CRC-32 mismatch: the data is corrupt")
-    alive = entry.get("alive")
-    if not isinstance(alive, int) or not 0 <= alive <= numel:
-        raise ValueError(f"alive count {alive!r} outside [0, {numel}]")
-    positions = entry.get("positions")
-    values_desc = entry.get("values")
-    if not isinstance(positions, dict) or not isinstance(values_desc, dict):
-        raise ValueError("'positions' and 'values' must be objects")
-    keep = _decode_positions(positions, index, numel, alive)
-    values = _decode_values(values_desc, stored, dtype, alive)
-    dense = torch.zeros(numel, dtype=dtype)
-    dense[keep] = values
-    return dense.view(shape), keep.view(shape)
+            raise _DefectError(f"stored as {list(value.shape)} {value.dtype}, the entry says {list(shape)} {dtype}")
+        return _Entry(name, dtype, shape, numel)
+    alive = entry["alive"]
+    if not _is_int(alive) or not 0 <= alive <= numel:
+        raise _DefectError(f"alive count {_show(alive)} outside [0, {_num(numel)}]")
+    _check_positions(entry["positions"], _stored(tensors, f"{name}{_SEP}index"), numel, alive)
+    _check_values(entry["values"], _stored(tensors, f"{name}{_SEP}values"), dtype, alive)
+    return _Entry(name, dtype, shape, alive, entry["positions"], entry["values"])
 
 
-def load_sparse(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def _open(path: str | PathLike[str]) -> tuple[list[_Entry], dict[str, Tensor], int]:
+    """Checked entries, stored tensors and file size of a sparse file (raises :class:`SparseFormatError`)."""
+    metadata, tensors, size = _read_sealed(path, _SPARSE)
+    try:
+        raw = _strict_json(metadata["entries"], "the 'entries' metadata")
+        if not isinstance(raw, dict):
+            raise _DefectError(f"the 'entries' metadata must map tensor names to objects, got {_show(raw)}")
+        entries, used = [], set()
+        for name, entry in raw.items():
+            try:
+                entries.append(_check_entry(name, entry, tensors))
+            except _DefectError as err:
+                raise _DefectError(f"entry {_show(name)}: {err}") from err
+            used.update({name} if entries[-1].positions is None else {f"{name}{_SEP}values", f"{name}{_SEP}index"})
+        extra = sorted(set(tensors) - used)
+        if extra:
+            raise _DefectError(f"tensor {_show(extra[0])} is not described by the metadata")
+    except _DefectError as err:
+        raise _fail(path, str(err)) from err
+    return entries, tensors, size
+
+
+def _limit(max_bytes: int | None, file_bytes: int) -> int:
+    if max_bytes is None:
+        return max(_MIN_LIMIT, _EXPANSION * file_bytes)
+    if not _is_int(max_bytes) or max_bytes < 0:
+        raise ValueError(f"max_bytes must be a non-negative int or None, got {max_bytes!r}.")
+    return max_bytes
+
+
+def _decode_all(entries: list[_Entry], tensors: Mapping[str, Tensor], limit: int, rule: str) -> dict[str, Any]:
+    """``{name: (tensor, mask or None)}``, once the entries' total size is known to fit ``limit``."""
+    need = sum(entry.cost for entry in entries)
+    if need > limit:
+        raise _DefectError(
+            f"decoding needs {_num(need)} bytes (tensors and masks), more than the limit of {_num(limit)} bytes "
+            f"({rule}); a very sparse file can expand that much: if you trust it, pass max_bytes={need} or more"
+        )
+    out = {}
+    for entry in entries:
+        if entry.positions is None or entry.values is None:
+            out[entry.name] = (tensors[entry.name], None)
+            continue
+        try:
+            keep = _decode_positions(entry.positions, tensors[f"{entry.name}{_SEP}index"], entry.numel, entry.alive)
+            values = _decode_values(entry.values, tensors[f"{entry.name}{_SEP}values"], entry.dtype, entry.alive)
+        except _DefectError as err:
+            raise _DefectError(f"entry {_show(entry.name)}: {err}") from err
+        dense = torch.zeros(entry.numel, dtype=entry.dtype)
+        dense.masked_scatter_(keep, values)
+        out[entry.name] = (dense.view(entry.shape), keep.view(entry.shape))
+    return out
+
+
+def load_sparse(
+    path: str | PathLike[str], *, max_bytes: int | None = None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Read a file of :func:`export_sparse`: dense tensors (pruned entries zero) and the masks.
 
-    Every entry is decoded and checked (CRC-32, counts, bounds) before anything is returned.
+    The file is read once. Its SHA-256 (over the whole file) is checked first, then every name,
+    type, count and size in its header against the bytes present, then the decoded size against
+    ``max_bytes``, and only then is anything decoded; every entry is decoded and checked before
+    anything is returned.
+
+    Args:
+        path: The file.
+        max_bytes: The most bytes the returned tensors and masks may take, checked on the header
+            before anything is decoded. ``None``: 64 x the file size, at least 256 MiB, which loads
+            fp32 files down to about 2% density at any size and any file that decodes to less than
+            256 MiB. A trusted file that is sparser loads with a larger value (the error says how
+            large). Peak memory is at most about twice the file plus twice this.
 
     Returns:
         ``(state_dict, masks)`` on the CPU; ``masks`` holds the sparse entries only.
 
     Raises:
-        SparseFormatError: If the file is truncated, corrupt or inconsistent (names the file and
-            the problem).
+        SparseFormatError: If the file is truncated, corrupt, inconsistent, of another format or of
+            format version ``"1"``, or decodes to more than ``max_bytes`` (names the file and the
+            problem). Nothing else for any content of the file; ``OSError`` if it cannot be read.
     """
-    entries, tensors = _read(path)
-    state: dict[str, Tensor] = {}
-    masks: dict[str, Tensor] = {}
-    used: set[str] = set()
-    for name, entry in entries.items():
-        try:
-            value, keep = _decode_entry(name, entry, tensors)
-        except (ValueError, TypeError, KeyError, RuntimeError, IndexError, zlib.error) as err:
-            raise _fail(path, f"entry {name!r}: {err}") from err
-        state[name] = value
-        if keep is None:
-            used.add(name)
-        else:
-            masks[name] = keep
-            used.update({f"{name}{_SEP}values", f"{name}{_SEP}index"})
-    extra = sorted(set(tensors) - used)
-    if extra:
-        raise _fail(path, f"tensor {extra[0]!r} is not described by the metadata")
-    return state, masks
+    rule = "the default: 64 x the file size, at least 256 MiB" if max_bytes is None else "max_bytes"
+    _limit(max_bytes, 0)  # a bad argument fails before the file is read
+    entries, tensors, size = _open(path)
+    try:
+        decoded = _decode_all(entries, tensors, _limit(max_bytes, size), rule)
+    except _DefectError as err:
+        raise _fail(path, str(err)) from err
+    state = {name: value for name, (value, _) in decoded.items()}
+    return state, {name: keep for name, (_, keep) in decoded.items() if keep is not None}
 
 
-def load_sparse_into(model: nn.Module, path: str | PathLike[str]) -> dict[str, Tensor]:
+def load_sparse_into(model: nn.Module, path: str | PathLike[str], *, max_bytes: int | None = None) -> dict[str, Tensor]:
     """Load a sparse file into ``model`` (strict); nothing is loaded unless every key and shape fits.
+
+    Args:
+        model: The network.
+        path: A file of :func:`export_sparse`.
+        max_bytes: See :func:`load_sparse`.
 
     Returns:
         The masks, each on its parameter's device (hand them to the pruner).
@@ -691,7 +1086,7 @@ def load_sparse_into(model: nn.Module, path: str | PathLike[str]) -> dict[str, T
         >>> torch.equal(fresh.weight, net.weight * keep)
         True
     """
-    state, masks = load_sparse(path)
+    state, masks = load_sparse(path, max_bytes=max_bytes)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -713,6 +1108,8 @@ def load_sparse_into(model: nn.Module, path: str | PathLike[str]) -> dict[str, T
 def sparse_size_report(path: str | PathLike[str]) -> SparseSizeReport:
     """Per-tensor and total bytes of a sparse file against dense and surviving-value bytes.
 
+    The file is verified as by :func:`load_sparse`, but nothing is decoded.
+
     Example::
 
         >>> import tempfile, os
@@ -725,44 +1122,24 @@ def sparse_size_report(path: str | PathLike[str]) -> SparseSizeReport:
         >>> report.dense_bytes
         40400
     """
-    entries, tensors = _read(path)
+    entries, tensors, size = _open(path)
     rows = []
-    for name, entry in entries.items():
-        try:
-            dtype = _DTYPES[entry["dtype"]]
-            shape = _shape(entry)
-        except (KeyError, ValueError) as err:
-            raise _fail(path, f"entry {name!r}: {err}") from err
-        item = torch.empty(0, dtype=dtype).element_size()
-        numel = 1
-        for s in shape:
-            numel *= s
-        if entry.get("kind") == "dense":
-            size = numel * item
-            rows.append(TensorSize(name, shape, entry["dtype"], "dense", numel, numel, size, size, 0, size))
+    for e in entries:
+        item, dtype = e.dtype.itemsize, _NAMES[e.dtype]
+        if e.positions is None or e.values is None:
+            dense = e.numel * item
+            rows.append(TensorSize(e.name, e.shape, dtype, "dense", e.numel, e.numel, dense, dense, 0, dense))
             continue
-        stored = tensors.get(f"{name}{_SEP}values")
-        index = tensors.get(f"{name}{_SEP}index")
-        if stored is None or index is None:
-            raise _fail(path, f"entry {name!r}: its values or index tensor is missing")
-        alive = int(entry.get("alive", 0))
-        stored_bytes = stored.numel() * stored.element_size()
-        encoding = f"{_code_name(entry.get('positions', {}))} | {entry.get('values', {}).get('codec')}"
+        stored = tensors[f"{e.name}{_SEP}values"]
+        index = tensors[f"{e.name}{_SEP}index"].numel()
+        encoding = f"{_code_name(e.positions)} | {e.values['codec']}"
+        stored_bytes = stored.numel() * stored.element_size() + index
         rows.append(
             TensorSize(
-                name,
-                shape,
-                entry["dtype"],
-                encoding,
-                numel,
-                alive,
-                numel * item,
-                alive * item,
-                index.numel(),
-                stored_bytes + index.numel(),
+                e.name, e.shape, dtype, encoding, e.numel, e.alive, e.numel * item, e.alive * item, index, stored_bytes
             )
         )
-    return SparseSizeReport(os.fspath(path), os.path.getsize(path), tuple(rows))
+    return SparseSizeReport(os.fspath(path), size, tuple(rows))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

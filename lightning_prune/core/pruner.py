@@ -113,7 +113,8 @@ class MagnitudePruner:
         self.rules: dict[str, str] = {}
         self._optimizers: dict[int, tuple[torch.optim.Optimizer, list[RemovableHandle]]] = {}
         self._pairs_cache: dict[int, MaskPairs] = {}
-        self._grads_masked: set[int] = set()
+        self._sentinels: dict[int, list[tuple[int, ...]]] = {}
+        self._masked_early: set[int] = set()
 
     @property
     def layers(self) -> list[str]:
@@ -277,6 +278,7 @@ class MagnitudePruner:
         self.thresholds.update(thresholds)
         self.rules.update(rules)
         self._pairs_cache.clear()
+        self._sentinels.clear()
         self.apply()
         changed = {self.parameter(name): self.masks[name] for name in new}
         for optimizer, _ in self._optimizers.values():
@@ -302,6 +304,7 @@ class MagnitudePruner:
             if keep.device != device:
                 self.masks[name] = keep.to(device)
         self._pairs_cache.clear()
+        self._sentinels.clear()
 
     def apply(self) -> None:
         """Zero the pruned weights (of every optimizer's parameters)."""
@@ -310,21 +313,42 @@ class MagnitudePruner:
     def mask_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Zero the gradients of pruned weights (only those ``optimizer`` holds, if given).
 
-        For an attached optimizer this also tells its next step that gradients are already masked,
-        so its pre-step hook does not mask them again.
+        An attached optimizer masks them at its step anyway; a driver calls this earlier where a
+        computation before the step must not see them (the norm of gradient clipping). The step then
+        only checks one pruned entry per parameter and masks again if one is no longer zero (a NaN
+        clipping norm, or gradients rewritten in between), instead of a second pass over them.
         """
         mask_gradients(self._pairs(optimizer))
         if optimizer is not None and id(optimizer) in self._optimizers:
-            self._grads_masked.add(id(optimizer))
+            self._masked_early.add(id(optimizer))
+
+    def _still_masked(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether one pruned entry of each parameter's gradient is still exactly zero."""
+        pairs = self._pairs(optimizer)
+        sentinels = self._sentinels.get(id(optimizer))
+        if sentinels is None:
+            sentinels = self._sentinels[id(optimizer)] = [tuple((mult == 0).nonzero()[0].tolist()) for _, mult in pairs]
+        values = [p.grad[i] for (p, _), i in zip(pairs, sentinels, strict=True) if p.grad is not None]
+        return not values or not bool(torch.stack([v.to(values[0].device) for v in values]).ne(0).any())
+
+    def _mask_at_step(self, optimizer: torch.optim.Optimizer) -> None:
+        early = id(optimizer) in self._masked_early
+        self._masked_early.discard(id(optimizer))
+        if not (early and self._still_masked(optimizer)):
+            mask_gradients(self._pairs(optimizer))
 
     def attach(self, optimizer: torch.optim.Optimizer, *, remask: Literal["auto", "always"] = "auto") -> None:
         """Enforce the masks on every step of ``optimizer``; zero its state of pruned entries now and on prune.
 
-        A step pre-hook masks the gradients, unless :meth:`mask_gradients` already did for this step
-        (a driver may do it earlier, before gradient clipping). A step post-hook re-masks the weights
-        after each step when ``remask="always"``, or with ``"auto"`` for any optimizer not in
-        :data:`ZERO_PRESERVING`: for those, a zero weight with a zero gradient and zero state stays
-        exactly zero, so the re-mask would be a second pass over every pruned weight for nothing.
+        A step pre-hook masks the gradients at the last moment before the update: when the step is
+        given a closure (as Lightning does), right after the closure returns, so after the backward
+        pass and any gradient clipping inside it; otherwise at once. Masking writes exact zeros, so a
+        NaN or inf gradient at a pruned entry leaves its weight and optimizer state at zero.
+
+        A step post-hook re-masks the weights after each step when ``remask="always"``, or with
+        ``"auto"`` for any optimizer not in :data:`ZERO_PRESERVING`. The optimizers in it leave a zero
+        weight with a zero gradient and zero state exactly zero, so for them the re-mask would be a
+        second pass over every pruned weight for nothing.
 
         Example::
 
@@ -348,11 +372,22 @@ class MagnitudePruner:
         self._optimizers[id(optimizer)] = (optimizer, handles)
         zero_optimizer_state(optimizer, {self.parameter(n): k for n, k in self.masks.items()})
 
-    def _before_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        if id(optimizer) in self._grads_masked:
-            self._grads_masked.discard(id(optimizer))
-        else:
-            mask_gradients(self._pairs(optimizer))
+    def _before_step(
+        self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+        if closure is None:
+            self._mask_at_step(optimizer)
+            return None
+
+        def masked_closure() -> Any:
+            loss = closure()
+            self._mask_at_step(optimizer)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": masked_closure}
+        return (args[0], masked_closure, *args[2:]), kwargs
 
     def detach(self) -> None:
         """Remove the hooks of every attached optimizer."""
@@ -361,7 +396,8 @@ class MagnitudePruner:
                 handle.remove()
         self._optimizers.clear()
         self._pairs_cache.clear()
-        self._grads_masked.clear()
+        self._sentinels.clear()
+        self._masked_early.clear()
 
     def stats(self) -> list[LayerStats]:
         """Per-parameter remaining counts, last thresholds and rules, in module order."""
@@ -400,9 +436,18 @@ class MagnitudePruner:
         """Restore masks and statistics, check them against the model, and re-apply the masks.
 
         Raises:
-            ValueError: If a mask names a parameter that is not selected here or has another shape.
+            ValueError: If a mask names a parameter that is not selected here, is not a bool tensor of
+                its parameter's shape, or is missing for a parameter the state records as pruned.
         """
         masks = state.get("masks", {})
+        if not isinstance(masks, Mapping):
+            raise ValueError(f"The saved masks must map parameter names to bool tensors, got {type(masks).__name__}.")
+        recorded = [n for key in ("thresholds", "rules", "dense_std") for n in state.get(key, {}) if n not in masks]
+        if recorded:
+            raise ValueError(
+                f"The saved state records a prune of {recorded[0]!r} but holds no mask for it; the checkpoint is "
+                f"damaged or was edited."
+            )
         for name, keep in masks.items():
             if name not in self.layer_of:
                 raise ValueError(
@@ -415,6 +460,7 @@ class MagnitudePruner:
         self.thresholds = dict(state.get("thresholds", {}))
         self.rules = dict(state.get("rules", {}))
         self._pairs_cache.clear()
+        self._sentinels.clear()
         self.apply()
         for optimizer, _ in self._optimizers.values():
             zero_optimizer_state(optimizer, {self.parameter(n): k for n, k in self.masks.items()})

@@ -45,6 +45,7 @@ dependency.
 from __future__ import annotations
 
 import json
+import math
 import operator
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -57,6 +58,17 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from lightning_prune.core.export import (
+    SparseFormatError,
+    _DefectError,
+    _fail,
+    _is_int,
+    _Kind,
+    _read_sealed,
+    _show,
+    _strict_json,
+    _write_sealed,
+)
 from lightning_prune.core.masks import check_mask
 
 __all__ = [
@@ -136,7 +148,10 @@ _POOL_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset(
 )
 _RESIZABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 _FORMAT = "lightning_prune.shrunk"
-_VERSION = "1"
+_VERSION = "2"
+_SHRUNK = _Kind(
+    _FORMAT, _VERSION, frozenset({"format", "version", "sha256", "shapes"}), "Shrunk checkpoint", "save_shrunk"
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -286,13 +301,15 @@ class _Link:
 
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    flags = {m: m.training for m in model.modules()}
+    """Eval mode inside; on exit every module *name* gets its flag back, so modules swapped in meanwhile do too."""
+    flags = {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
     model.eval()
     try:
         yield
     finally:
-        for m, flag in flags.items():
-            m.training = flag
+        for name, m in model.named_modules(remove_duplicate=False):
+            if name in flags:
+                m.training = flags[name]
 
 
 def _func_name(fn: Any) -> str:
@@ -945,6 +962,7 @@ def remove_dead_units(
     with _eval_mode(model), torch.no_grad():
         reference = model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
         old_modules = _swap(model, new)
+        model.eval()  # the modules swapped in carry the mode of those they replace
         try:
             result = model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
             mismatch = _mismatch(result, reference)
@@ -1082,8 +1100,11 @@ def shapes(model: nn.Module) -> dict[str, list[int]]:
     return out
 
 
-def _resized(model: nn.Module, record: Mapping[str, Any]) -> dict[str, nn.Module]:
-    """New modules for every recorded layer whose shape differs; validates everything first."""
+def _resized(model: nn.Module, record: Mapping[str, Any], device: torch.device | None = None) -> dict[str, nn.Module]:
+    """New modules for every recorded layer whose shape differs (on ``device``, default: the old module's).
+
+    Validates everything first; on the ``meta`` device the modules allocate nothing.
+    """
     modules = dict(model.named_modules())
     new: dict[str, nn.Module] = {}
     for name, shape in record.items():
@@ -1096,52 +1117,52 @@ def _resized(model: nn.Module, record: Mapping[str, Any]) -> dict[str, nn.Module
             raise ValueError(
                 f"Module {name!r} is a {type(module).__name__}; only Linear, Conv2d and BatchNorm1d/2d are resized."
             )
-        if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) and s > 0 for s in shape):
+        if not isinstance(shape, (list, tuple)) or not all(_is_int(s) and s > 0 for s in shape):
             raise ValueError(f"The recorded shape of {name!r} must be a list of positive ints, got {shape!r}.")
         shape = list(shape)
-        if shape == shapes(module)[""]:
-            continue
-        if isinstance(module, nn.Linear):
-            if len(shape) != 2:
-                raise ValueError(f"The recorded shape of Linear {name!r} must be [out, in], got {shape}.")
-            p = module.weight
-            new[name] = nn.Linear(shape[1], shape[0], bias=module.bias is not None, device=p.device, dtype=p.dtype)
-        elif isinstance(module, nn.Conv2d):
-            if len(shape) != 4 or tuple(shape[2:]) != tuple(module.kernel_size) or module.groups != 1:
-                raise ValueError(
-                    f"The recorded shape of Conv2d {name!r} must be [out, in, {module.kernel_size[0]}, "
-                    f"{module.kernel_size[1]}] (groups=1), got {shape}."
-                )
-            p = module.weight
-            new[name] = nn.Conv2d(
-                shape[1],
-                shape[0],
-                module.kernel_size,
-                stride=module.stride,
-                padding=module.padding,
-                dilation=module.dilation,
-                bias=module.bias is not None,
-                padding_mode=module.padding_mode,
-                device=p.device,
-                dtype=p.dtype,
-            )
-        else:
-            if len(shape) != 1:
-                raise ValueError(
-                    f"The recorded shape of {type(module).__name__} {name!r} must be [features], got {shape}."
-                )
-            ref = module.running_mean if module.running_mean is not None else module.weight
-            new[name] = type(module)(
-                shape[0],
-                eps=module.eps,
-                momentum=module.momentum,
-                affine=module.affine,
-                track_running_stats=module.track_running_stats,
-                device=ref.device,
-                dtype=ref.dtype,
-            )
-        new[name].train(module.training)
+        if shape != shapes(module)[""]:
+            new[name] = _layer(name, module, shape, device)
+            new[name].train(module.training)
     return new
+
+
+def _layer(name: str, module: nn.Module, shape: list[int], device: torch.device | None) -> nn.Module:
+    """A fresh copy of a Linear, Conv2d or BatchNorm module with another shape."""
+    ref = next(iter(module.state_dict().values()), None)  # the weight or running_mean, if any: device and dtype
+    if device is None and ref is not None:
+        device = ref.device
+    kwargs: dict[str, Any] = {"device": device, "dtype": None if ref is None else ref.dtype}
+    if isinstance(module, nn.Linear):
+        if len(shape) != 2:
+            raise ValueError(f"The recorded shape of Linear {name!r} must be [out, in], got {shape}.")
+        return nn.Linear(shape[1], shape[0], bias=module.bias is not None, **kwargs)
+    if isinstance(module, nn.Conv2d):
+        if len(shape) != 4 or tuple(shape[2:]) != tuple(module.kernel_size) or module.groups != 1:
+            raise ValueError(
+                f"The recorded shape of Conv2d {name!r} must be [out, in, {module.kernel_size[0]}, "
+                f"{module.kernel_size[1]}] (groups=1), got {shape}."
+            )
+        return nn.Conv2d(
+            shape[1],
+            shape[0],
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            **kwargs,
+        )
+    if len(shape) != 1:
+        raise ValueError(f"The recorded shape of {type(module).__name__} {name!r} must be [features], got {shape}.")
+    return type(module)(
+        shape[0],
+        eps=module.eps,
+        momentum=module.momentum,
+        affine=module.affine,
+        track_running_stats=module.track_running_stats,
+        **kwargs,
+    )
 
 
 def resize_to(model: nn.Module, record: Mapping[str, list[int]]) -> list[str]:
@@ -1177,8 +1198,9 @@ def resize_to(model: nn.Module, record: Mapping[str, list[int]]) -> list[str]:
 def save_shrunk(model: nn.Module, path: str | PathLike[str]) -> None:
     """Save the state dict and the layer shapes to a safetensors file (no pickle).
 
-    The metadata holds ``{"format", "version", "shapes"}`` with the shapes of :func:`shapes` as JSON.
-    Tied parameters are stored once per name.
+    The metadata holds ``{"format", "version", "sha256", "shapes"}``: the shapes of :func:`shapes`
+    as JSON and a SHA-256 of the whole file (see :mod:`lightning_prune.core.export`), format
+    version ``"2"``. Tied parameters are stored once per name.
 
     Example::
 
@@ -1192,8 +1214,6 @@ def save_shrunk(model: nn.Module, path: str | PathLike[str]) -> None:
         >>> torch.equal(fresh[0].weight, net[0].weight)
         True
     """
-    from safetensors.torch import save_file
-
     tensors: dict[str, Tensor] = {}
     seen: set[int] = set()
     for name, value in model.state_dict().items():
@@ -1203,66 +1223,99 @@ def save_shrunk(model: nn.Module, path: str | PathLike[str]) -> None:
             value = value.clone()
         seen.add(ptr)
         tensors[name] = value
-    metadata = {"format": _FORMAT, "version": _VERSION, "shapes": json.dumps(shapes(model))}
-    save_file(tensors, str(path), metadata=metadata)
+    _write_sealed(path, tensors, {"format": _FORMAT, "version": _VERSION, "shapes": json.dumps(shapes(model))})
+
+
+def _record(path: str | PathLike[str], text: str, file_bytes: int) -> dict[str, list[int]]:
+    """The shape record of a shrunk checkpoint: ``{module name: 1 to 4 positive ints}``.
+
+    A recorded layer has at most as many entries as the file has bytes (its weight is in the file).
+    """
+    try:
+        record = _strict_json(text, "the 'shapes' metadata")
+        if not isinstance(record, dict):
+            raise _DefectError(f"the 'shapes' metadata must be a JSON object, got {_show(record)}")
+        for name, shape in record.items():
+            if not isinstance(shape, list) or not 1 <= len(shape) <= 4 or not all(_is_int(s) and s > 0 for s in shape):
+                raise _DefectError(f"the recorded shape of {_show(name)} is {_show(shape)}, not 1 to 4 positive ints")
+            if math.prod(shape) > file_bytes:
+                raise _DefectError(f"the recorded shape of {_show(name)}, {shape}, is larger than the file")
+    except _DefectError as err:
+        raise _fail(path, str(err), _SHRUNK.label) from err
+    return record
+
+
+def _check_planned(
+    model: nn.Module, path: str | PathLike[str], record: Mapping[str, Any], tensors: Mapping[str, Tensor]
+) -> None:
+    """Build the layers the record asks for on the meta device and check their tensors against the file's.
+
+    Nothing is allocated, and afterwards the real layers take no more than the tensors in the file:
+    a record cannot make the resize build layers larger than what the file holds.
+    """
+    for name, module in _resized(model, record, device=torch.device("meta")).items():
+        for key, value in module.state_dict().items():
+            full = f"{name}.{key}"
+            if full not in tensors:
+                raise ValueError(f"the file lacks {full!r}.")
+            if tensors[full].shape != value.shape:
+                problem = (
+                    f"the shape record gives {name!r} as {record[name]}, but {full!r} is {list(tensors[full].shape)}"
+                )
+                raise _fail(path, problem, _SHRUNK.label)
+
+
+def _misfit(expected: Mapping[str, Tensor], tensors: Mapping[str, Tensor]) -> str | None:
+    """The first key, shape or dtype of the (resized) model that the file's tensors do not match."""
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing:
+        return f"the file lacks {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+    if unexpected:
+        return f"the file has {unexpected[0]!r}, which the model does not" + (
+            f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        )
+    for key, own in expected.items():
+        if tensors[key].shape != own.shape:
+            return f"{key!r} has shape {list(tensors[key].shape)} in the file and {list(own.shape)} in the model"
+        if tensors[key].dtype != own.dtype:
+            return f"{key!r} is {tensors[key].dtype} in the file and {own.dtype} in the model"
+    return None
 
 
 def load_shrunk(model: nn.Module, path: str | PathLike[str]) -> list[str]:
     """Resize a freshly built model to the shapes saved by :func:`save_shrunk`, then load the weights.
 
-    Keys and shapes are checked against the file before anything is loaded (``strict=True``); on
-    any mismatch the model is left as it was.
+    The file is verified first (its SHA-256, then its layout and shape record against the tensors
+    in it); the layers the record asks for are planned on the ``meta`` device and checked against
+    the file's tensors before any is built. Keys, shapes and dtypes are checked against the file
+    before anything is loaded (``strict=True``); on any problem the model is left as it was.
 
     Args:
         model: The network as its constructor builds it (or already shrunk the same way).
-        path: A file written by :func:`save_shrunk`.
+        path: A file written by :func:`save_shrunk` (format version ``"2"``; files of version
+            ``"1"`` cannot be verified and are refused: save them again).
 
     Returns:
         Names of the modules that were resized.
 
     Raises:
-        ValueError: If the file is not a shrunk checkpoint, or does not fit the model (names the
-            first missing/unexpected key or mismatched shape).
+        SparseFormatError: If the file is corrupt, truncated, inconsistent, not a shrunk checkpoint
+            or of another version (a ``ValueError``; names the file and the problem).
+        ValueError: If the file does not fit the model (names the first missing/unexpected key,
+            mismatched shape or dtype, or the recorded module the model lacks).
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+    metadata, tensors, file_bytes = _read_sealed(path, _SHRUNK)
+    record = _record(path, metadata["shapes"], file_bytes)
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as err:
-        raise ValueError(f"Cannot read {str(path)!r} as a safetensors file: {err}") from err
-    if metadata.get("format") != _FORMAT or "shapes" not in metadata:
-        raise ValueError(
-            f"{str(path)!r} is not a shrunk checkpoint (metadata format {metadata.get('format')!r}, expected "
-            f"{_FORMAT!r}); write it with save_shrunk()."
-        )
-    if metadata.get("version") != _VERSION:
-        raise ValueError(f"{str(path)!r} has format version {metadata.get('version')!r}; this code reads {_VERSION!r}.")
-    try:
-        record = json.loads(metadata["shapes"])
-    except json.JSONDecodeError as err:
-        raise ValueError(f"The shapes metadata of {str(path)!r} is not valid JSON: {err}") from err
-    if not isinstance(record, dict):
-        raise ValueError(f"The shapes metadata of {str(path)!r} must be a JSON object, got {type(record).__name__}.")
-    new = _resized(model, record)
+        _check_planned(model, path, record, tensors)
+        new = _resized(model, record)
+    except SparseFormatError:
+        raise
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r} does not fit the model: {err} Nothing was loaded.") from err
     old = _swap(model, new)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problem = None
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    if missing:
-        problem = f"the file lacks {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-    elif unexpected:
-        problem = f"the file has {unexpected[0]!r}, which the model does not" + (
-            f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        )
-    else:
-        for key, shape in expected.items():
-            if tuple(tensors[key].shape) != shape:
-                problem = f"{key!r} has shape {list(tensors[key].shape)} in the file and {list(shape)} in the model"
-                break
+    problem = _misfit(model.state_dict(), tensors)
     if problem is not None:
         _swap(model, old)
         raise ValueError(f"{str(path)!r} does not fit the model: {problem}. Nothing was loaded.")

@@ -1,6 +1,8 @@
+import hashlib
 import json
 import os
 import struct
+import time
 
 import pytest
 import torch
@@ -9,11 +11,13 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from torch import nn
 
+from lightning_prune.core import export
 from lightning_prune.core.export import (
     SparseFormatError,
     SparseLinear,
     _candidates,
     _decode_positions,
+    _seal,
     export_sparse,
     load_sparse,
     load_sparse_into,
@@ -178,7 +182,10 @@ def test_file_is_plain_safetensors_with_metadata(tmp_path, monkeypatch):
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata()
         keys = set(handle.keys())
-    assert meta["format"] == "lightning_prune.sparse" and meta["version"] == "1"
+    assert meta["format"] == "lightning_prune.sparse" and meta["version"] == "2"
+    data = path.read_bytes()
+    blank = data.replace(meta["sha256"].encode(), b"0" * 64)
+    assert hashlib.sha256(blank).hexdigest() == meta["sha256"]  # the SHA-256 of the whole file, field blanked
     entries = json.loads(meta["entries"])
     assert entries["fc1.weight"]["kind"] == "sparse" and entries["fc1.bias"]["kind"] == "dense"
     assert entries["fc1.weight"]["shape"] == [50, 3456] and entries["fc1.weight"]["dtype"] == "float32"
@@ -284,6 +291,18 @@ def test_every_position_code_round_trips(keep):
         assert torch.equal(decoded, keep), desc
 
 
+@pytest.mark.parametrize("chunk", [8, 16, 2**16])
+def test_position_codes_decode_across_chunk_boundaries(monkeypatch, chunk):
+    monkeypatch.setattr(export, "_CHUNK", chunk)  # the decoders work a chunk at a time
+    gen = _gen(chunk)
+    for numel, density in ((3000, 0.01), (3000, 0.3), (20_000, 0.5), (5000, 0.97), (70_000, 0.004), (600, 0.0)):
+        keep = torch.rand(numel, generator=gen) < density
+        keep[-1] = density > 0.5
+        for desc, blob in _candidates(keep):
+            decoded = _decode_positions(json.loads(json.dumps(desc)), blob, numel, int(keep.sum()))
+            assert torch.equal(decoded, keep), (numel, density, desc)
+
+
 @settings(max_examples=30, deadline=None)
 @given(keep=masks(), seed=st.integers(0, 1000))
 def test_file_round_trip_on_random_masks(tmp_path_factory, keep, seed):
@@ -312,15 +331,24 @@ def _header(data: bytes) -> tuple[int, dict]:
     return size, json.loads(data[8 : 8 + size])
 
 
-def _rewrite_entries(data: bytes, edit) -> bytes:
-    """Edit the entries JSON inside the header, padding with spaces so the data offsets still hold."""
-    size, header = _header(data)
-    entries = json.loads(header["__metadata__"]["entries"])
-    edit(entries)
-    header["__metadata__"]["entries"] = json.dumps(entries, separators=(",", ":"))
-    text = json.dumps(header, separators=(",", ":")).encode()
-    assert len(text) <= size, "edit must not grow the header"
-    return data[:8] + text + b" " * (size - len(text)) + data[8 + size :]
+def _rebuilt(data: bytes, entries=None, header=None, reseal: bool = True) -> bytes:
+    """Edit the entries JSON and/or the safetensors header, rebuild the file, and re-seal its checksum."""
+    size, head = _header(data)
+    if entries is not None:
+        parsed = json.loads(head["__metadata__"]["entries"])
+        entries(parsed)
+        head["__metadata__"]["entries"] = json.dumps(parsed, separators=(",", ":"))
+    if header is not None:
+        header(head)
+    text = json.dumps(head, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    out = struct.pack("<Q", len(text)) + text + data[8 + size :]
+    return _seal(out) if reseal else out
+
+
+def _replace_once(data: bytes, old: bytes, new: bytes) -> bytes:
+    assert data.count(old) == 1 and len(old) == len(new)
+    return data.replace(old, new)
 
 
 @pytest.mark.parametrize("where", ["length", "header", "data-start", "data-middle", "last-byte"])
@@ -351,14 +379,25 @@ def test_truncated_file_is_a_clear_error(tmp_path, where):
         (lambda e: e["fc1.weight"]["positions"].update(code="rics"), "unknown position code 'rics'"),
         (lambda e: e["fc1.weight"].update(shape=[50, 3455]), "'fc1.weight'"),
         (lambda e: e["fc1.weight"].update(dtype="float16"), "'fc1.weight'"),
-        (lambda e: e["fc1.bias"].update(crc32=e["fc1.bias"]["crc32"] ^ 1), "CRC-32"),
+        (lambda e: e["fc1.bias"].update(crc32=12345), "entry 'fc1.bias': the fields are"),
         (lambda e: e["conv.weight"].update(kind="weird"), "unknown kind 'weird'"),
         (lambda e: e.pop("fc2.bias"), "not described by the metadata"),
+        (lambda e: e.update({"ghost": {"kind": "dense", "dtype": "float32", "shape": [2]}}), "'ghost'.*missing"),
+        (lambda e: e["fc1.bias"].update(shape=[50.0]), "bad shape"),
+        (lambda e: e["fc1.bias"].update(shape=[True] * 50), "bad shape"),
+        (lambda e: e["fc1.weight"].update(alive="12"), "alive count '12'"),
+        (lambda e: e["fc1.weight"]["positions"].update(k=-1), "Rice parameter"),
+        (lambda e: e["fc1.weight"]["values"]["planes"].pop(), "4 byte planes expected"),
+        (lambda e: e["fc1.weight"]["values"]["planes"][0].__setitem__(0, "lzma"), "byte planes"),
+        (
+            lambda e: e["fc1.weight"].update(shape=[10**40, 10**40]),
+            rf"has about 2\*\*{(10**80).bit_length() - 1} entries",
+        ),
     ],
 )
 def test_flipped_metadata_is_a_clear_error(tmp_path, edit, message):
     path, data = _exported(tmp_path)
-    path.write_bytes(_rewrite_entries(data, edit))
+    path.write_bytes(_rebuilt(data, entries=edit))
     with pytest.raises(SparseFormatError, match=message) as info:
         load_sparse(path)
     assert "net.safetensors" in str(info.value)
@@ -370,17 +409,192 @@ def test_broken_header_json_and_flipped_data_bytes(tmp_path):
     broken = bytearray(data)
     broken[8] = ord("[")
     path.write_bytes(bytes(broken))
+    with pytest.raises(SparseFormatError, match="checksum mismatch"):
+        load_sparse(path)
+    path.write_bytes(_seal(bytes(broken)))
     with pytest.raises(SparseFormatError, match="not a readable safetensors file"):
         load_sparse(path)
     flipped = bytearray(data)
     flipped[8 + size + 100] ^= 0x10
     path.write_bytes(bytes(flipped))
-    with pytest.raises(SparseFormatError, match="CRC-32"):
+    with pytest.raises(SparseFormatError, match="checksum mismatch"):
         load_sparse(path)
-    text = data[8 : 8 + size].replace(b'"version":"1"', b'"version":"9"')
-    path.write_bytes(data[:8] + text + data[8 + size :])
+    path.write_bytes(_rebuilt(data, header=lambda h: h["__metadata__"].update(version="9")))
     with pytest.raises(SparseFormatError, match="version '9'"):
         load_sparse(path)
+
+
+def test_version_1_files_are_refused_with_a_hint(tmp_path):
+    path, data = _exported(tmp_path)
+
+    def to_v1(header):
+        header["__metadata__"].update(version="1")
+        del header["__metadata__"]["sha256"]
+
+    path.write_bytes(_rebuilt(data, header=to_v1, reseal=False))
+    with pytest.raises(SparseFormatError, match=r"version '1'.*cannot be verified.*export_sparse\(\)"):
+        load_sparse(path)
+
+
+# The three cases of the issue: each loaded (or escaped as another exception) before format version 2.
+
+
+def _fc_file(tmp_path):
+    w = torch.randn(300, 784, generator=_gen(0))
+    keep = torch.rand(300, 784, generator=_gen(1)) < 0.08
+    path = tmp_path / "fc.safetensors"
+    export_sparse({"fc.weight": w, "fc.bias": torch.randn(300)}, {"fc.weight": keep}, path)
+    return path, path.read_bytes()
+
+
+def test_one_flipped_bit_in_a_shape_is_detected(tmp_path):
+    path, data = _fc_file(tmp_path)
+    flipped = _replace_once(data, b"[300,784]", b"[300,785]")  # '4' -> '5': one bit
+    assert sum(bin(a ^ b).count("1") for a, b in zip(data, flipped, strict=True)) == 1
+    path.write_bytes(flipped)
+    with pytest.raises(SparseFormatError, match=r"fc\.safetensors.*checksum mismatch"):
+        load_sparse(path)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (rb"\"dtype\":\"float32\",\"shape\":[300,784]", rb"\"dtype\":\"int32\",  \"shape\":[300,784]"),
+        (b"[300,784]", b"[784,300]"),
+    ],
+    ids=["float32-to-int32", "transposed"],
+)
+def test_edited_dtype_or_transposed_shape_is_detected(tmp_path, old, new):
+    path, data = _fc_file(tmp_path)
+    path.write_bytes(_replace_once(data, old, new))
+    with pytest.raises(SparseFormatError, match="checksum mismatch"):
+        load_sparse(path)
+
+
+def test_every_single_bit_flip_of_the_header_is_detected(tmp_path):
+    path, data = _fc_file(tmp_path)
+    size, _ = _header(data)
+    for bit in range(0, (8 + size) * 8, 7):
+        flipped = bytearray(data)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(SparseFormatError, match=r"fc\.safetensors"):
+            load_sparse(path)
+
+
+def _raw_header(data: bytes, edit) -> bytes:
+    """Edit the header *text* (for JSON that json.dumps cannot write), fix the length, re-seal."""
+    size = struct.unpack("<Q", data[:8])[0]
+    text = edit(data[8 : 8 + size].rstrip(b" "))
+    text += b" " * (-len(text) % 8)
+    return _seal(struct.pack("<Q", len(text)) + text + data[8 + size :])
+
+
+@pytest.mark.parametrize("token", ["Infinity", "-Infinity", "NaN", "1e999", "1" * 5000, "7.0", "true", '"7"', "[7]"])
+@pytest.mark.parametrize("field", ["k", "unary", "alive"])
+def test_non_finite_huge_and_mistyped_numbers_are_format_errors(tmp_path, token, field):
+    path, data = _fc_file(tmp_path)
+    old = rf"\"{field}\":".encode()
+    assert data.count(old) == 1
+
+    def edit(text):
+        start = text.index(old) + len(old)
+        end = min(text.index(c, start) for c in (b",", b"}"))
+        return text[:start] + token.encode().replace(b'"', b'\\"') + text[end:]
+
+    path.write_bytes(_raw_header(data, edit))
+    with pytest.raises(SparseFormatError, match=r"fc\.safetensors': (entry 'fc\.weight'|the 'entries' metadata)"):
+        load_sparse(path)
+
+
+@pytest.mark.parametrize("where", ["entries", "header"])
+def test_deeply_nested_json_is_a_format_error(tmp_path, where):
+    path, data = _fc_file(tmp_path)
+    if where == "entries":
+        nested = "[" * 100_000 + "]" * 100_000
+        path.write_bytes(_rebuilt(data, header=lambda h: h["__metadata__"].update(entries=nested)))
+    else:
+        path.write_bytes(_raw_header(data, lambda t: b'{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"," + t[1:]))
+    with pytest.raises(SparseFormatError, match=r"fc\.safetensors.*not valid JSON \(RecursionError"):
+        load_sparse(path)
+
+
+def test_duplicate_keys_are_format_errors(tmp_path):
+    path, data = _fc_file(tmp_path)
+    path.write_bytes(_raw_header(data, lambda t: t.replace(b'{"dtype":"F32"', b'{"dtype":"F32","dtype":"F32"', 1)))
+    with pytest.raises(SparseFormatError, match="duplicate key 'dtype'"):
+        load_sparse(path)
+    path.write_bytes(_raw_header(data, lambda t: t.replace(rb"\"kind\":", rb"\"kind\":\"dense\",\"kind\":", 1)))
+    with pytest.raises(SparseFormatError, match="'entries' metadata: duplicate key 'kind'"):
+        load_sparse(path)
+
+
+def test_huge_declared_shape_fails_fast_without_allocating(tmp_path):
+    path = tmp_path / "empty.safetensors"
+    export_sparse({"w": torch.randn(4, 4)}, {"w": torch.zeros(4, 4, dtype=torch.bool)}, path)
+    # all pruned: no index bytes and no values, so nothing in the data bounds the shape
+    crafted = _rebuilt(path.read_bytes(), entries=lambda e: e["w"].update(shape=[2**17, 2**17]))
+    path.write_bytes(crafted)
+    start = time.perf_counter()
+    with pytest.raises(SparseFormatError, match=r"empty\.safetensors.*decoding needs 85,899,345,920 bytes.*max_bytes="):
+        load_sparse(path)
+    with pytest.raises(SparseFormatError, match="decoding needs"):
+        load_sparse_into(nn.Linear(4, 4), path)
+    assert time.perf_counter() - start < 1.0
+    assert sparse_size_report(path).tensors[0].numel == 2**34  # the report decodes nothing
+
+
+def test_very_sparse_files_load_by_default_and_the_limit_can_be_raised(tmp_path, monkeypatch):
+    w = torch.randn(1000, 1000, generator=_gen(0))
+    keep = torch.rand(1000, 1000, generator=_gen(1)) < 0.001  # 99.9% pruned
+    path = tmp_path / "sparse.safetensors"
+    report = export_sparse({"w": w}, {"w": keep}, path)
+    assert report.dense_bytes > 500 * report.file_bytes
+    state, masks = load_sparse(path)  # under the 256 MiB floor of the default limit
+    assert torch.equal(masks["w"], keep) and torch.equal(state["w"], _masked(w, keep))
+    need = 1000 * 1000 * 5
+    limit = rf"needs {need:,} bytes.*limit of 1,000,000 bytes \(max_bytes\).*pass max_bytes={need} or more"
+    with pytest.raises(SparseFormatError, match=limit):
+        load_sparse(path, max_bytes=1_000_000)
+    assert torch.equal(load_sparse(path, max_bytes=need)[1]["w"], keep)
+    monkeypatch.setattr(export, "_MIN_LIMIT", 0)  # the default rule without its floor: 64 x the file size
+    with pytest.raises(SparseFormatError, match=r"the default: 64 x the file size"):
+        load_sparse(path)
+    with pytest.raises(ValueError, match="max_bytes must be"):
+        load_sparse(path, max_bytes=-1)
+
+
+def test_bool_bytes_other_than_0_and_1_are_refused(tmp_path):
+    path = tmp_path / "b.safetensors"
+    export_sparse({"flags": torch.tensor([True, False, True])}, {}, path)
+    data = path.read_bytes()
+    assert data.endswith(b"\x01\x00\x01")
+    path.write_bytes(_seal(data[:-1] + b"\x02"))
+    with pytest.raises(SparseFormatError, match="bool bytes other than 0 and 1"):
+        load_sparse(path)
+
+
+def test_deflate_bomb_is_bounded_by_the_declared_size(tmp_path):
+    import zlib
+
+    path, data = _fc_file(tmp_path)
+    bomb = zlib.compress(bytes(2**24), 9)  # 16 MiB of zeros in 16 KiB
+    size, head = _header(data)
+    begin, end = head["fc.weight::index"]["data_offsets"]
+    for info in head.values():
+        if "data_offsets" in info and info["data_offsets"][0] >= end:
+            info["data_offsets"] = [o + len(bomb) - (end - begin) for o in info["data_offsets"]]
+    head["fc.weight::index"].update(shape=[len(bomb)], data_offsets=[begin, begin + len(bomb)])
+    entries = json.loads(head["__metadata__"]["entries"])
+    entries["fc.weight"]["positions"] = {"code": "bitmap", "deflate": (300 * 784 + 7) // 8}
+    head["__metadata__"]["entries"] = json.dumps(entries)
+    text = json.dumps(head, separators=(",", ":")).encode()
+    body = data[8 + size :]
+    path.write_bytes(_seal(struct.pack("<Q", len(text)) + text + body[:begin] + bomb + body[end:]))
+    start = time.perf_counter()
+    with pytest.raises(SparseFormatError, match="does not inflate to exactly 29400 bytes"):
+        load_sparse(path)
+    assert time.perf_counter() - start < 1.0
 
 
 def test_other_safetensors_file_is_rejected(tmp_path):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune.core.masks import mask_gradients, mask_weights, multiplier, zero_optimizer_state
+from lightning_prune.core.masks import enforce, mask_gradients, mask_weights, multiplier, zero_optimizer_state
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -41,6 +41,34 @@ def test_multiplier_of_non_contiguous_mask_is_a_view():
     assert mult.data_ptr() == keep.data_ptr()
     assert mult.stride() == keep.stride()
     assert torch.equal(mult.bool(), keep)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# enforce
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_enforce_writes_exact_zeros_over_nan_and_inf_and_keeps_alive_bits(dtype):
+    t = torch.tensor([float("nan"), float("inf"), -float("inf"), -3.0, float("nan"), -2.0], dtype=dtype)
+    keep = torch.tensor([False, False, False, False, True, True])
+    before = t.clone()
+    enforce(t, multiplier(keep))
+    assert t.dtype == dtype
+    assert (t[~keep] == 0).all() and not torch.signbit(t[~keep]).any()  # +0.0, not -0.0 or NaN
+    int_view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    assert torch.equal(t[keep].view(int_view), before[keep].view(int_view))  # NaN bits included
+
+
+def test_enforce_on_a_non_contiguous_view_and_a_non_float_tensor():
+    w = torch.randn(3, 4)
+    keep = torch.rand(3, 4) > 0.5
+    expected = w * keep
+    enforce(w.t(), multiplier(keep.t()))
+    assert torch.equal(w, expected)
+    counts = torch.tensor([3, 4, 5])
+    enforce(counts, multiplier(torch.tensor([True, False, True])))
+    assert counts.tolist() == [3, 0, 5]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -622,13 +622,18 @@ def test_attach_masks_gradients_before_the_step():
     assert_pruned_are_zero(pruner)
 
 
-def test_driver_masking_gradients_itself():
+def _half_pruned_sgd():
+    """A net at 50% per layer, its SGD with momentum attached, and a seeded generator for batches."""
     net = make_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     pruner = MagnitudePruner(net)
     pruner.attach(optimizer)
     pruner.prune("fraction", amount=0.5)
-    g = torch.Generator().manual_seed(0)
+    return net, optimizer, pruner, torch.Generator().manual_seed(0)
+
+
+def test_driver_masking_gradients_itself():
+    net, optimizer, pruner, g = _half_pruned_sgd()
     for driver_masks in (True, False, True, True, False, False):
         optimizer.zero_grad()
         net(torch.randn(16, 8, generator=g)).pow(2).sum().backward()
@@ -669,6 +674,94 @@ def test_mask_gradients_without_optimizer_masks_every_pruned_grad():
         assert (pruner.parameter(name).grad[keep] != 0).any()
     for name, grad in biases.items():
         assert torch.equal(net.get_parameter(name).grad, grad)
+
+
+NON_FINITE_OPTIMIZERS = {
+    "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=1e-3),
+}
+
+
+def _inject(grad: torch.Tensor, keep: torch.Tensor, where: str, value: float) -> None:
+    """Put ``value`` at the first pruned and/or the first alive entry of ``grad``."""
+    flat, k = grad.view(-1), keep.reshape(-1)
+    if where in ("pruned", "both"):
+        flat[(~k).nonzero()[0]] = value
+    if where in ("alive", "both"):
+        flat[k.nonzero()[0]] = value
+
+
+def _twin_steps(opt_name, where, value, closure, clip):
+    """Steps of a pruned net on injected gradients, and of an unpruned twin on a copy of the same raw gradients."""
+    net, twin = make_net(), make_net()
+    optimizer = NON_FINITE_OPTIMIZERS[opt_name](net.parameters())
+    twin_optimizer = NON_FINITE_OPTIMIZERS[opt_name](twin.parameters())
+    pruner = MagnitudePruner(net)
+    pruner.prune("fraction", amount=0.5)
+    pruner.attach(optimizer)
+    with torch.no_grad():
+        twin.load_state_dict(net.state_dict())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)
+        raw = {}
+
+        def backward(x=x, y=y, raw=raw):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(net(x), y).backward()
+            for name, keep in pruner.masks.items():
+                _inject(net.get_parameter(name).grad, keep, where, value)
+            if clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            raw.update({n: p.grad.clone() for n, p in net.named_parameters()})
+
+        if closure:
+            optimizer.step(backward)
+        else:
+            backward()
+            optimizer.step()
+        for name, param in twin.named_parameters():
+            param.grad = raw[name]
+        twin_optimizer.step()
+    return twin, pruner, optimizer
+
+
+@pytest.mark.parametrize("opt_name", list(NON_FINITE_OPTIMIZERS))
+@pytest.mark.parametrize("where", ["pruned", "alive", "both"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize(("closure", "clip"), [(False, False), (True, False), (True, True), (False, True)])
+def test_non_finite_gradients_leave_pruned_weights_and_state_at_exactly_zero(opt_name, where, value, closure, clip):
+    twin, pruner, optimizer = _twin_steps(opt_name, where, value, closure, clip)
+    for name, keep in pruner.masks.items():
+        weight = pruner.parameter(name).detach()
+        assert (weight[~keep] == 0).all(), name  # NaN != 0: a NaN here fails
+        for key, state in optimizer.state[pruner.parameter(name)].items():
+            if state.shape == weight.shape:
+                assert (state[~keep] == 0).all(), (name, key)
+        alive_twin = twin.get_parameter(name).detach()[keep]  # the same values, NaN where the twin has NaN
+        assert torch.equal(weight[keep].view(torch.int32), alive_twin.view(torch.int32)), name
+
+
+def test_after_an_early_mask_the_step_masks_again_only_if_a_pruned_gradient_changed(monkeypatch):
+    import lightning_prune.core.pruner as pruner_module
+
+    calls = []
+    real = pruner_module.mask_gradients
+    monkeypatch.setattr(pruner_module, "mask_gradients", lambda pairs: (calls.append(1), real(pairs)))
+    net, optimizer, pruner, g = _half_pruned_sgd()
+    for noisy in (False, True, False, True):
+        calls.clear()
+        optimizer.zero_grad()
+        net(torch.randn(16, 8, generator=g)).pow(2).sum().backward()
+        pruner.mask_gradients(optimizer)  # before clipping, say
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 0.5)
+        if noisy:  # e.g. DP-SGD noise added after clipping: pruned entries are no longer zero
+            for p in net.parameters():
+                p.grad.add_(torch.randn(p.shape, generator=g))
+        optimizer.step()
+        assert len(calls) == (2 if noisy else 1)  # clean: no second pass over the gradients
+        assert_pruned_are_zero(pruner)
+        assert_state_zero_at_pruned(pruner, optimizer, ("momentum_buffer",))
 
 
 def test_attach_re_masks_weights_for_an_optimizer_that_moves_zero_gradient_weights():
