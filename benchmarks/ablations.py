@@ -7,9 +7,10 @@ dense phase, so arms are paired comparisons):
 1. ``iterative_vs_oneshot`` (LeNet-300-100): the headline's 5 iterative rounds against ONE prune to
    the same per-layer sparsity (``criterion="fraction"`` with each seed's final per-layer shares of
    the iterative run) retrained for the same total number of epochs.
-2. ``dropout_adjustment`` (LeNet-300-100): the headline net (dropout 0.2) with ``adjust_dropout``
-   on (``D_r = D_o * sqrt(C_ir / C_io)``) and off (the rate stays 0.2 while retraining); the same
-   pair with dropout 0.5; and the paper's net without dropout (recipe ``nodropout``).
+2. ``dropout_adjustment`` (LeNet-300-100): the headline net (dropout 0.2) with the dropout adjustment
+   on (``D_r = D_o * sqrt(C_ir / C_io)``) and off (the rate stays 0.2 while retraining; the recipe's
+   ``adjust_dropout=False``, the callback's ``dropout=None``); the same pair with dropout 0.5; and the
+   paper's net without dropout (recipe ``nodropout``).
 3. ``local_retraining`` (LeNet-5): the headline (every layer retrains in every round) against the
    paper's alternation (prune FC -> retrain FC only, prune conv -> retrain conv only, recipe ``local``).
 4. ``retrain_lr`` (LeNet-300-100): the paper's retraining rate (``lr_scale`` 0.1 of the dense rate)
@@ -26,12 +27,15 @@ dense phase, so arms are paired comparisons):
    (``fc1room_long``), each beside the same schedule with nothing pruned (``nothing_pruned``'s control
    and recipe ``control_long``): does a longer last round help the pruned net, the schedule, or both?
 
-An arm that is a recipe of ``reproduce.py`` is read from its results file in ``docs/results/`` when
-that file holds the seed with the current recipe, instead of being trained again; any other arm's
-seed is read from ``docs/results/ablations.json`` when an earlier run there trained the same net and
-recipe (the same ``recipe_key``). So ``--seeds 0 1 2 3 4`` after a run of ``--seeds 0 1 2`` trains
-only seeds 3 and 4. Each ablation is written into the file as soon as it ends, keeping the others
-(re-read just before writing: two runs of different ablations can go side by side). Run::
+An arm changes a recipe in the recipe's own terms (a ``reproduce.Recipe``, whose ``callback``
+settings ``reproduce.callback_kwargs`` turns into the callback's arguments), so that its
+``recipe_key`` stays that of the runs stored before. An arm that is a recipe of ``reproduce.py`` is
+read from its results file in ``docs/results/`` when that file holds the seed with the current
+recipe, instead of being trained again; any other arm's seed is read from
+``docs/results/ablations.json`` when an earlier run there trained the same net and recipe (the same
+``recipe_key``). So ``--seeds 0 1 2 3 4`` after a run of ``--seeds 0 1 2`` trains only seeds 3 and
+4. Each ablation is written into the file as soon as it ends, keeping the others (re-read just
+before writing: two runs of different ablations can go side by side). Run::
 
     python benchmarks/ablations.py                       # ~2 h on 2 CPU cores (3 seeds, headline runs cached)
     python benchmarks/ablations.py --only retrain_lr --seeds 0

@@ -54,7 +54,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lightning_prune import PruneRetrainCallback
+from lightning_prune import PruneRetrainCallback, Retraining, Std
 from lightning_prune.core.export import (
     SparseFormatError,
     SparseSizeReport,
@@ -68,10 +68,10 @@ from lightning_prune.data import MNISTDataModule
 from lightning_prune.zoo import LeNet300100
 
 LAYERS = ("fc1", "fc2", "fc3")
-ROUNDS: list[dict[str, Any]] = [
-    {"quality": {"fc1": 1.0, "fc2": 0.8, "fc3": 0.5}, "epochs": 2},
-    {"quality": {"fc1": 1.4, "fc2": 1.2, "fc3": 0.75}, "epochs": 2},
-    {"quality": {"fc1": 1.7, "fc2": 1.5, "fc3": 1.0}, "epochs": 4},
+ROUNDS: list[dict[str, Any]] = [  # Han's rule: each round's level is its quality per layer
+    {"level": {"fc1": 1.0, "fc2": 0.8, "fc3": 0.5}, "epochs": 2},
+    {"level": {"fc1": 1.4, "fc2": 1.2, "fc3": 0.75}, "epochs": 2},
+    {"level": {"fc1": 1.7, "fc2": 1.5, "fc3": 1.0}, "epochs": 4},
 ]
 
 
@@ -140,7 +140,11 @@ def train_pruned(
     pl.seed_everything(args.seed, verbose=False)
     model = LeNet300100()
     prune = PruneRetrainCallback(
-        layers=list(LAYERS), std_of="dense", retrain_lr_scale=0.1, rounds=copy.deepcopy(ROUNDS), verbose=False
+        layers=list(LAYERS),
+        criterion=Std(std_of="dense"),
+        retrain=Retraining(lr_scale=0.1),
+        rounds=copy.deepcopy(ROUNDS),
+        verbose=False,
     )
     epochs = args.dense_epochs + sum(r["epochs"] for r in ROUNDS)
     ends, e = {args.dense_epochs - 1: "dense"}, args.dense_epochs - 1
@@ -462,9 +466,12 @@ def main() -> None:
     if "accuracies" in info:
         phases = ", ".join(f"{k} {100 * v:.2f}%" for k, v in info["accuracies"].items())
         print(f"Test accuracy (10,000 official test images) at the end of each phase: {phases}.\n")
-        print("Schedule: " + "; ".join(f"round {k + 1}: quality {r['quality']}, {r['epochs']} epochs"
+        print("Schedule: " + "; ".join(f"round {k + 1}: quality {r['level']}, {r['epochs']} epochs"
                                          for k, r in enumerate(ROUNDS)))  # fmt: skip
-        print("(`std_of='dense'`, `retrain_lr_scale=0.1`, SGD lr 0.01 momentum 0.9, weight decay 5e-4, batch 128).\n")
+        print(
+            "(`Std(std_of='dense')`, `Retraining(lr_scale=0.1)`, SGD lr 0.01 momentum 0.9, weight decay 5e-4, "
+            "batch 128).\n"
+        )
     print("| layer | shape | weights | alive | alive % |")
     print("|---|---|---:|---:|---:|")
     total = alive = 0

@@ -3,7 +3,7 @@
 - ``figure4_lenet300.png``: accuracy loss against the share of parameters pruned away, for dense nets
   trained with L2 and with L1 regularization, pruned without retraining, pruned once and retrained,
   and pruned iteratively with retraining between the levels (L2). Pruning is the ``global`` rule of
-  :class:`lightning_prune.MagnitudePruner` (one magnitude threshold over fc1, fc2, fc3), driven from
+  :class:`lightning_prune.Pruner` (one magnitude threshold over fc1, fc2, fc3), driven from
   plain PyTorch loops (the library's Lightning-free core), which keeps the ~100 short fits cheap.
 - ``figure7_lenet300_fc1.png``: histogram of fc1's weights before pruning and after the headline
   recipe of ``examples/reproduce.py`` (Lightning, ``fit_rounds``): the bimodal distribution of the
@@ -44,7 +44,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from lightning_prune import MagnitudePruner
+from lightning_prune import Global, Pruner
 from lightning_prune.data import MNISTDataModule
 from lightning_prune.zoo import LeNet300100
 
@@ -83,7 +83,7 @@ def train(
     weight_decay: float,
     l1: float,
     seed: int,
-    pruner: MagnitudePruner | None = None,
+    pruner: Pruner | None = None,
 ) -> None:
     """SGD (momentum 0.9), cosine over ``epochs``; L2 as weight decay, L1 as ``l1 * sign(w)`` on the weights."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -114,9 +114,9 @@ def error(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> fl
     return 100.0 * wrong / len(y)
 
 
-def prune_global(model: torch.nn.Module, level: float, pruner: MagnitudePruner | None = None) -> MagnitudePruner:
-    pruner = pruner or MagnitudePruner(model, ["fc*"])
-    pruner.prune(criterion="global", amount=level / 100)
+def prune_global(model: torch.nn.Module, level: float, pruner: Pruner | None = None) -> Pruner:
+    pruner = pruner or Pruner(model, ["fc*"])
+    pruner.prune(Global(), level / 100)
     return pruner
 
 
@@ -145,7 +145,7 @@ def figure4(args: argparse.Namespace, dm: MNISTDataModule) -> dict[str, Any]:
         curves[f"{name} regularization w/ retrain"] = retrain
         if name == "L2":
             net = copy.deepcopy(dense)
-            pruner = MagnitudePruner(net, ["fc*"])
+            pruner = Pruner(net, ["fc*"])
             iterative = []
             for level in LEVELS:
                 prune_global(net, level, pruner)

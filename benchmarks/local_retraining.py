@@ -2,9 +2,9 @@
 
 Han et al. retrain only the FC layers after pruning them, with the conv layers frozen: backprop then
 stops at the frozen prefix. This script measures what that saves per training step, with
-``PruneRetrainCallback(train_only=["fc*"])`` against the same callback retraining everything, on
-LeNet-5 (Caffe variant) and on a VGG-style net for 32x32 inputs, both 90% pruned, interleaved
-round-robin in one run (medians over rounds, ratio per round).
+``PruneRetrainCallback(retrain=Retraining(train_only=["fc*"]))`` against the same callback retraining
+everything, on LeNet-5 (Caffe variant) and on a VGG-style net for 32x32 inputs, both 90% pruned,
+interleaved round-robin in one run (medians over rounds, ratio per round).
 
 Usage::
 
@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_prune import PruneRetrainCallback
+from lightning_prune import Fraction, PruneRetrainCallback, Retraining
 
 
 def lenet5() -> nn.Module:
@@ -91,7 +91,10 @@ def measure(name: str, local: bool, steps: int, batch_size: int, skip: int) -> f
     timer = StepTimer(skip)
     classifier = ["net.5", "net.7"] if name == "lenet5" else ["net.15", "net.18"]
     prune = PruneRetrainCallback(
-        criterion="fraction", amount=0.9, prune_epochs=[1], train_only=classifier if local else None, verbose=False
+        criterion=Fraction(amount=0.9),
+        prune_epochs=[1],
+        retrain=Retraining(train_only=classifier if local else None),
+        verbose=False,
     )
     trainer = pl.Trainer(
         max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,

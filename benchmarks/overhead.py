@@ -4,7 +4,7 @@ Three variants are trained, interleaved round-robin (one fit of each per round, 
 every round, so drift and noise on a shared machine hit all of them alike):
 
 * ``plain``: Lightning training without any pruning callback;
-* ``PruneRetrainCallback``: ``criterion="fraction", amount=0.9, prune_epochs=[0]``: 90% of every
+* ``PruneRetrainCallback``: ``criterion=Fraction(amount=0.9), prune_epochs=[0]``: 90% of every
   Linear/Conv weight pruned at the start of epoch 0;
 * ``ModelPruning``: Lightning's built-in callback, ``"l1_unstructured"``, ``amount=0.9``, local
   (per layer) pruning of the weights, applied once at the end of epoch 0. It re-parametrizes each
@@ -56,9 +56,9 @@ from torch import Tensor, nn
 from torch.nn.utils.prune import BasePruningMethod
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_prune import PruneRetrainCallback
+from lightning_prune import Fraction, PruneRetrainCallback
+from lightning_prune.core.enforcement import ZERO_PRESERVING
 from lightning_prune.core.masks import enforce
-from lightning_prune.core.pruner import ZERO_PRESERVING
 
 AMOUNT = 0.9
 VARIANTS = ("plain", "PruneRetrainCallback", "ModelPruning")
@@ -138,7 +138,7 @@ def probe_ours(cb: PruneRetrainCallback, trainer: pl.Trainer) -> dict[str, float
     pruner = cb.pruner
     assert pruner is not None
     held = list(pruner.masks.values())
-    for pairs in getattr(pruner, "_pairs_cache", {}).values():
+    for pairs in getattr(pruner.enforcer, "_pairs_cache", {}).values():
         held += [mult for _, mult in pairs]
     weights = sum(pruner.parameter(n).numel() for n in pruner.masks)
     zeros = sum(int((pruner.parameter(n) == 0).sum()) for n in pruner.masks)
@@ -211,10 +211,10 @@ def make_pruning_callback(variant: str) -> Callback | None:
     if variant == "plain":
         return None
     if variant == "PruneRetrainCallback":
-        return PruneRetrainCallback(criterion="fraction", amount=AMOUNT, prune_epochs=[0], verbose=False)
+        return PruneRetrainCallback(criterion=Fraction(amount=AMOUNT), prune_epochs=[0], verbose=False)
     kwargs: dict[str, Any] = {
         "parameter_names": ["weight"],  # like PruneRetrainCallback's default (biases not pruned)
-        "use_global_unstructured": False,  # per-layer amount, like criterion="fraction"
+        "use_global_unstructured": False,  # per-layer amount, like criterion=Fraction(...)
         "amount": AMOUNT,
         "apply_pruning": lambda epoch: epoch == 0,  # once, at the end of epoch 0
         "use_lottery_ticket_hypothesis": False,  # True would also keep a deep copy of every layer

@@ -5,7 +5,7 @@ thread, synthetic MNIST-shaped data, the models and timer of ``benchmarks/overhe
 
 * ``plain``: no callback;
 * ``callback``: ``PruneRetrainCallback``, 90% of every weight pruned at epoch 0 (gradients masked each step);
-* ``nothing-to-mask``: the same callback with ``amount=0``: every hook runs, no tensor is masked;
+* ``nothing-to-mask``: the same callback with ``Fraction(amount=0)``: every hook runs, no tensor is masked;
 * ``no-logging``: as ``callback``, with the module's ``log`` disabled (the callback logs sparsity per epoch).
 
 Usage::
@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).parent))
 from overhead import LeNet300, StepTimer
 
-from lightning_prune import PruneRetrainCallback
+from lightning_prune import Fraction, PruneRetrainCallback
 
 VARIANTS = ("plain", "callback", "nothing-to-mask", "no-logging")
 
@@ -40,7 +40,7 @@ def run(variant: str, loader: DataLoader) -> float:
     callbacks = []
     if variant != "plain":
         amount = 0.0 if variant == "nothing-to-mask" else 0.9
-        callbacks.append(PruneRetrainCallback(criterion="fraction", amount=amount, prune_epochs=[0], verbose=False))
+        callbacks.append(PruneRetrainCallback(criterion=Fraction(amount=amount), prune_epochs=[0], verbose=False))
         if variant == "no-logging":
             model.log = lambda *args, **kwargs: None
     timer = StepTimer(epoch=1, skip=5, probe=None)

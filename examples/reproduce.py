@@ -58,7 +58,22 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_prune import PruneRetrainCallback, fit_rounds, format_table
+from lightning_prune import (
+    Criterion,
+    DropoutAdjustment,
+    Fraction,
+    Global,
+    Guard,
+    PruneRetrainCallback,
+    Regularization,
+    Retraining,
+    Round,
+    Sensitivity,
+    Std,
+    fit_rounds,
+    format_table,
+)
+from lightning_prune.core.sensitivity import load_quality
 from lightning_prune.data import MNISTDataModule
 from lightning_prune.zoo import LeNet5, LeNet300100, MNISTClassifier
 
@@ -117,6 +132,101 @@ class Recipe:
     @property
     def retrain_epochs(self) -> int:
         return sum(r.get("epochs", 0) for r in self.callback.get("rounds", []))
+
+
+# A recipe's ``callback`` is written, and stored in the results files (``recipe_key`` hashes it), in
+# the form of the first releases' PruneRetrainCallback keywords: ``retrain_lr_scale``, rounds with
+# ``quality`` or ``criterion``/``amount``, ``min_remaining``, ``adjust_dropout`` ... So the recipes and
+# every stored result stay as they were, and `callback_kwargs` maps them to today's arguments for
+# exactly the same training: the same rounds, levels, floors, learning-rate scales and regularization.
+_RECIPE_ROUND_KEYS = ("epochs", "layers", "min_remaining", "train_only", "lr_scale", "weight_decay", "l1")
+_RECIPE_CALLBACK_KEYS = (
+    *("layers", "quality", "prune_epochs", "criterion", "amount", "std_of", "prune_bias", "min_remaining"),
+    *("adjust_dropout", "dropout_map", "l1", "weight_decay", "retrain_l1", "retrain_weight_decay"),
+    *("retrain_lr_scale", "train_only", "freeze_bn_stats", "rounds", "guard_monitor", "guard_mode"),
+    *("guard_tolerance", "guard_relative", "guard_action", "guard_retries", "guard_retry_scale"),
+    *("shrink_at_end", "sensitivity_tolerance", "sensitivity_levels", "sensitivity_relative", "verbose"),
+)
+
+
+def callback_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`~lightning_prune.PruneRetrainCallback` arguments that run a recipe's ``callback`` settings.
+
+    The settings (see the note above) leave out what takes its default: criterion ``"std"`` at quality
+    1.0 of the dense std, no floor, retraining at the dense rate with the optimizer's own weight decay,
+    dropout adjusted. The floor ``min_remaining`` goes to every criterion, a round's own criterion too
+    (it was the default of every round's floor). Nothing here changes ``settings``.
+
+    Raises:
+        ValueError: On a key that is not a setting of a recipe's callback, or of one of its rounds.
+
+    Example::
+
+        >>> kwargs = callback_kwargs({"retrain_lr_scale": 0.1, "rounds": [{"quality": {"fc1": 1.2}, "epochs": 2}]})
+        >>> kwargs["criterion"], kwargs["retrain"].lr_scale, kwargs["rounds"][0].level
+        (Std(quality=1.0, std_of='dense'), 0.1, {'fc1': 1.2})
+    """
+    unknown = sorted(set(settings) - set(_RECIPE_CALLBACK_KEYS))
+    if unknown:
+        accepted = ", ".join(_RECIPE_CALLBACK_KEYS)
+        raise ValueError(f"Unknown recipe callback setting {unknown[0]!r}; accepted: {accepted}.")
+    s = copy.deepcopy(settings)
+    name, quality, amount = s.get("criterion", "std"), s.get("quality", 1.0), s.get("amount")
+    if isinstance(quality, str):  # a sensitivity file: its quality, or its criterion and amount
+        loaded = load_quality(quality)
+        quality = loaded.get("quality", 1.0)
+        if "amount" in loaded:
+            name, amount = loaded.get("criterion", "fraction"), loaded["amount"]
+    std_of, floor = s.get("std_of", "dense"), s.get("min_remaining")
+
+    def rule(which: str, of: str) -> Criterion:
+        """Criterion ``which`` with the recipe's default level and floor (and std ``of``)."""
+        if which == "std":
+            return Std(quality=quality, std_of=of, min_remaining=floor)  # type: ignore[arg-type]
+        if which in ("fraction", "global"):
+            return (Fraction if which == "fraction" else Global)(amount=amount, min_remaining=floor)
+        raise ValueError(f"Unknown criterion {which!r} in a recipe; known: std, fraction, global.")
+
+    def round_(spec: dict[str, Any], k: int) -> Round:
+        unknown = sorted(set(spec) - {*_RECIPE_ROUND_KEYS, "criterion", "quality", "amount", "std_of"})
+        if unknown:
+            raise ValueError(f"Unknown setting {unknown[0]!r} in rounds[{k}] of a recipe.")
+        fields = {key: spec[key] for key in _RECIPE_ROUND_KEYS if key in spec}
+        own = spec.get("criterion", name), spec.get("std_of", std_of)
+        if own != (name, std_of):
+            fields["criterion"] = rule(*own)
+        level = spec.get("quality") if own[0] == "std" else spec.get("amount")
+        return Round(level=level, **fields)
+
+    kwargs: dict[str, Any] = {
+        "criterion": rule(name, std_of),
+        "retrain": Retraining(
+            lr_scale=s.get("retrain_lr_scale", 1.0),
+            weight_decay=s.get("retrain_weight_decay"),
+            l1=s.get("retrain_l1", 0.0),
+            train_only=s.get("train_only"),
+            freeze_bn_stats=s.get("freeze_bn_stats", True),
+        ),
+        "dense": Regularization(weight_decay=s.get("weight_decay"), l1=s.get("l1", 0.0)),
+        "dropout": DropoutAdjustment(links=s.get("dropout_map")) if s.get("adjust_dropout", True) else None,
+    }
+    if s.get("rounds") is not None:
+        kwargs["rounds"] = [round_(spec, k) for k, spec in enumerate(s["rounds"])]
+    for key in ("layers", "prune_epochs", "prune_bias", "shrink_at_end", "verbose"):
+        if key in s:
+            kwargs[key] = s[key]
+    if s.get("guard_monitor") is not None:
+        keys = ("mode", "tolerance", "relative", "action", "retries", "retry_scale")
+        kwargs["guard"] = Guard(s["guard_monitor"], **{key: s[f"guard_{key}"] for key in keys if f"guard_{key}" in s})
+    if s.get("sensitivity_tolerance") is not None:
+        levels, relative = s.get("sensitivity_levels"), s.get("sensitivity_relative", False)
+        kwargs["sensitivity"] = Sensitivity(tolerance=s["sensitivity_tolerance"], levels=levels, relative=relative)
+    return kwargs
+
+
+def build_callback(recipe: Recipe, **overrides: Any) -> PruneRetrainCallback:
+    """The recipe's prune-retrain callback, quiet; ``overrides``: callback arguments that replace the recipe's."""
+    return PruneRetrainCallback(**{"verbose": False, **callback_kwargs(recipe.callback), **overrides})
 
 
 # LeNet-300-100: rounds of Han's std rule, qualities rising per layer (fc1 pruned hardest, the output
@@ -338,7 +448,7 @@ class Recorder(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = trainer.callback_metrics
-        rounds = len(self.prune.done_rounds)
+        rounds = len(self.prune.schedule.done)
         pruner = self.prune.pruner
         remaining = 100.0 * (1.0 - pruner.sparsity()) if pruner is not None and pruner.masks else 100.0
         row = {
@@ -457,12 +567,14 @@ def run_seed(
     """Dense training, prune-retrain rounds and evaluation of one seed; returns its results (and models).
 
     The returned dict holds plain values, plus ``"_dense"`` and ``"_pruned"``: the two models (the
-    caller drops them before writing JSON).
+    caller drops them before writing JSON). ``model_overrides`` replace arguments of the model;
+    ``callback_overrides`` arguments of :class:`~lightning_prune.PruneRetrainCallback` (as it takes
+    them now, e.g. ``{"retrain": Retraining(lr_scale=0.1)}``) after :func:`callback_kwargs`.
     """
     pl.seed_everything(seed, workers=True, verbose=False)
     dm = MNISTDataModule(data_dir=data_dir, batch_size=recipe.batch_size, subset=recipe.subset)
     model = NETS[net](**{**recipe.model, **(model_overrides or {})})
-    prune = PruneRetrainCallback(verbose=False, **{**copy.deepcopy(recipe.callback), **(callback_overrides or {})})
+    prune = build_callback(recipe, **(callback_overrides or {}))
     recorder = Recorder(prune, echo=echo)
     start = time.perf_counter()
     results = fit_rounds(

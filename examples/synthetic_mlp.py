@@ -20,7 +20,7 @@ import torchmetrics
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_prune import PruneRetrainCallback
+from lightning_prune import PruneRetrainCallback, Std
 
 
 def clusters(n: int, seed: int, dim: int = 256, classes: int = 20) -> TensorDataset:
@@ -71,7 +71,7 @@ def main() -> None:
     val = DataLoader(clusters(5_000, seed=2), batch_size=1000)
     first, second = args.dense_epochs, args.dense_epochs + args.retrain_epochs
     prune = PruneRetrainCallback(
-        quality={"net.0": 1.6, "net.2": 1.2, "net.4": 0.8},
+        criterion=Std(quality={"net.0": 1.6, "net.2": 1.2, "net.4": 0.8}),
         prune_epochs=[first, second],
     )
     trainer = pl.Trainer(

@@ -17,7 +17,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "checksums", "read_checkpoint", "tensor_crc", "verify_checksums"]
+__all__ = [
+    "STATE_VERSION",
+    "CheckpointError",
+    "checksums",
+    "read_checkpoint",
+    "record_checksums",
+    "tensor_crc",
+    "upgrade_state",
+    "verify_checksums",
+    "verify_recorded",
+]
+
+STATE_VERSION = 3
+"""Version of :class:`~lightning_prune.PruneRetrainCallback`'s checkpoint state (see :func:`upgrade_state`)."""
 
 
 class CheckpointError(ValueError):
@@ -83,6 +96,21 @@ def checksums(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
     return {name: tensor_crc(value) for name, value in tensors.items() if isinstance(value, torch.Tensor)}
 
 
+def record_checksums(checkpoint: dict[str, Any], key: str) -> None:
+    """Add CRCs of ``checkpoint``'s ``state_dict`` and of the masks to the callback state under ``key``."""
+    state = checkpoint.get("callbacks", {}).get(key)
+    if isinstance(state, dict) and "pruner" in state:
+        masks = state["pruner"].get("masks", {})
+        state["checksums"] = {"state_dict": checksums(checkpoint.get("state_dict", {})), "masks": checksums(masks)}
+
+
+def verify_recorded(checkpoint: Mapping[str, Any], key: str, path: str | PathLike[str]) -> None:
+    """:func:`verify_checksums` for the callback state under ``key`` (nothing to check if there is none)."""
+    state = checkpoint.get("callbacks", {}).get(key)
+    if isinstance(state, Mapping):
+        verify_checksums(checkpoint, state, path)
+
+
 def verify_checksums(checkpoint: Mapping[str, Any], state: Mapping[str, Any], path: str | PathLike[str]) -> None:
     """Check the checkpoint's weights and the state's masks against the CRCs the state recorded when it was saved.
 
@@ -107,3 +135,83 @@ def verify_checksums(checkpoint: Mapping[str, Any], state: Mapping[str, Any], pa
                     f"Checkpoint {os.fspath(path)!r}: the {what} of {name!r} changed since the checkpoint was written "
                     f"(CRC-32 mismatch): the file is corrupt."
                 )
+
+
+def upgrade_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpointed state of :class:`~lightning_prune.PruneRetrainCallback` in the current layout.
+
+    Version 3 keeps each owner's state under its own key: ``pruner``, ``schedule``, ``phase``,
+    ``dropout``, ``guard``, ``sensitivity`` (and ``checksums``). Version 2 (one flat mapping) and
+    version 1 (``done_epochs``, one prune per round) are upgraded.
+
+    Raises:
+        ValueError: If the state is not a mapping, its version is not a known one (a newer release wrote
+            it, say), or its masks are not a mapping of parameter names to tensors.
+
+    Example::
+
+        >>> upgrade_state({"version": 1, "pruner": {}, "done_epochs": [4, 8]})["schedule"]["done"]
+        [0, 1]
+    """
+    if not isinstance(state, Mapping):
+        raise ValueError(f"The checkpointed PruneRetrainCallback state must be a mapping, got {type(state).__name__}.")
+    version = state.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= STATE_VERSION:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > STATE_VERSION
+        raise ValueError(
+            f"The checkpointed PruneRetrainCallback state has version {version!r}; this lightning-prune reads "
+            f"versions 1 to {STATE_VERSION}"
+            + (" (a newer lightning-prune wrote it: upgrade to load it)." if newer else ".")
+        )
+    upgraded = dict(state)
+    if version == 1:
+        upgraded["done_rounds"] = list(range(len(upgraded.pop("done_epochs", []) or [])))
+    if version < 3:
+        upgraded = _flat_to_owners(upgraded)
+    pruner = upgraded.get("pruner", {})
+    if not isinstance(pruner, Mapping) or not isinstance(pruner.get("masks", {}), Mapping):
+        raise ValueError(
+            f"The checkpointed PruneRetrainCallback state holds no mapping of masks (pruner: {type(pruner).__name__})."
+        )
+    return upgraded
+
+
+def _flat_to_owners(s: Mapping[str, Any]) -> dict[str, Any]:
+    """Version 2's flat state in version 3's layout."""
+    defaults = s.get("defaults") or {}
+    default_level = None
+    if s.get("sensitivity") is not None:
+        default_level = defaults.get("amount") if defaults.get("criterion") == "fraction" else defaults.get("quality")
+    snapshot = s.get("snapshot")
+    if isinstance(snapshot, Mapping):
+        inner = snapshot.get("callback", {})
+        rollback = {"pruner": inner.get("pruner", {}), "done": inner.get("done_rounds", []),
+                    "dropout": _dropout(inner)}  # fmt: skip
+        snapshot = {"model": snapshot.get("model", {}), "state": rollback}
+    upgraded = {
+        "version": STATE_VERSION,
+        "pruner": s.get("pruner", {}),
+        "schedule": {
+            "done": s.get("done_rounds", []),
+            "skipped": s.get("skipped_rounds", []),
+            "scales": s.get("round_scales", {}),
+            "stopped": s.get("stopped", False),
+            "decisions": s.get("decisions", []),
+            "default_level": default_level,
+        },
+        "phase": {
+            "lr_scale": s.get("lr_scale_in_force", 1.0),
+            "original_weight_decay": s.get("original_weight_decay", []),
+        },
+        "dropout": _dropout(s),
+        "guard": {"baseline": s.get("guard_baseline"), "snapshot": snapshot},
+        "sensitivity": s.get("sensitivity"),
+    }
+    if "checksums" in s:
+        upgraded["checksums"] = s["checksums"]
+    return upgraded
+
+
+def _dropout(s: Mapping[str, Any]) -> dict[str, Any] | None:
+    dropout = s.get("dropout")
+    return None if not isinstance(dropout, Mapping) else {**dropout, "traced": bool(s.get("traced", False))}

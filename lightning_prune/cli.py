@@ -22,10 +22,13 @@ import importlib
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from lightning_prune.callback import PruneRetrainCallback
 from lightning_prune.trainer import PruneTrainer
+
+__all__ = ["PruneCLI", "main"]
 
 
 class PruneCLI(LightningCLI):
@@ -56,7 +59,7 @@ class PruneCLI(LightningCLI):
                 continue
             init_args = entry.get("init_args") or {}
             try:
-                cls(**dict(init_args.items() if hasattr(init_args, "items") else init_args))
+                cls(**(init_args.as_dict() if isinstance(init_args, Namespace) else dict(init_args)))
             except ValueError as err:
                 self._parser(self.subcommand).error(f"trainer.callbacks[{index}] ({class_path}): {err}")
 

@@ -12,8 +12,6 @@ counter intact.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +24,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_prune.callback import PruneRetrainCallback
 from lightning_prune.checkpoint import read_checkpoint
+
+__all__ = ["PhaseCheckpoint", "PhaseResult", "fit_rounds"]
+
+MakeTrainer = Callable[[int, list[Callback]], pl.Trainer]
 
 
 @dataclass
@@ -80,64 +82,118 @@ def _find_callback(callbacks: list[Any], callback: PruneRetrainCallback | None) 
     return found[0]
 
 
-def _load_phase(path: Path, model: pl.LightningModule, callback: PruneRetrainCallback) -> None:
-    checkpoint = read_checkpoint(path)
-    model.load_state_dict(checkpoint["state_dict"])
-    if callback.masks_from_checkpoint(checkpoint, model, str(path)) is None:
-        raise ValueError(f"{path} holds no state of {callback.state_key}; was it written by fit_rounds?")
+def _trainer_maker(
+    callback: PruneRetrainCallback | None,
+    trainer_kwargs: Mapping[str, Any] | None,
+    trainer_factory: MakeTrainer | None,
+) -> tuple[MakeTrainer, PruneRetrainCallback]:
+    """How each phase's trainer is built, and the callback its phases run."""
+    if trainer_factory is not None:
+        if trainer_kwargs is not None or callback is None:
+            raise ValueError("With `trainer_factory`, pass `callback` and no `trainer_kwargs`.")
+        return trainer_factory, callback
+    kwargs = dict(trainer_kwargs or {})
+    for key in ("max_epochs", "min_epochs", "max_steps"):
+        if kwargs.get(key) not in (None, -1):
+            raise ValueError(f"fit_rounds sets the length of each phase (dense_epochs, rounds' epochs); drop `{key}`.")
+        kwargs.pop(key, None)
+    shared = list(kwargs.pop("callbacks", None) or [])
+    found = _find_callback(shared, callback)
+
+    def make_trainer(max_epochs: int, extra: list[Callback]) -> pl.Trainer:
+        return pl.Trainer(**kwargs, max_epochs=max_epochs, callbacks=[*shared, found, *extra])
+
+    return make_trainer, found
 
 
-def _validate(
-    make_trainer: Callable[[int, list[Callback]], pl.Trainer], model: pl.LightningModule, fit_kwargs: dict[str, Any]
-) -> dict[str, Any]:
-    """The metrics of one validation run: the guard's dense baseline when no dense phase ran here."""
-    trainer = make_trainer(1, [])
-    kwargs = {"datamodule": fit_kwargs["datamodule"]} if "datamodule" in fit_kwargs else {}
-    if "val_dataloaders" in fit_kwargs:
-        kwargs["dataloaders"] = fit_kwargs["val_dataloaders"]
-    trainer.validate(model, verbose=False, **kwargs)
-    return dict(trainer.callback_metrics)
+@dataclass
+class _Run:
+    """What every phase of one :func:`fit_rounds` call shares."""
+
+    make_trainer: MakeTrainer
+    model: pl.LightningModule
+    callback: PruneRetrainCallback
+    directory: Path
+    resume: bool
+    fit_kwargs: dict[str, Any]
+
+    @property
+    def stopped_file(self) -> Path:
+        return self.directory / "stopped.txt"
+
+    def load(self, path: Path) -> None:
+        """Take the model and the callback's state from a phase's checkpoint."""
+        checkpoint = read_checkpoint(path)
+        self.model.load_state_dict(checkpoint["state_dict"])
+        if self.callback.masks_from_checkpoint(checkpoint, self.model, str(path)) is None:
+            raise ValueError(f"{path} holds no state of {self.callback.state_key}; was it written by fit_rounds?")
+
+    def validate(self) -> dict[str, Any]:
+        """The metrics of one validation run: the guard's dense baseline when no dense phase ran here."""
+        trainer = self.make_trainer(1, [])
+        kwargs = {"datamodule": self.fit_kwargs["datamodule"]} if "datamodule" in self.fit_kwargs else {}
+        if "val_dataloaders" in self.fit_kwargs:
+            kwargs["dataloaders"] = self.fit_kwargs["val_dataloaders"]
+        trainer.validate(self.model, verbose=False, **kwargs)
+        return dict(trainer.callback_metrics)
+
+    def fit(self, name: str, index: int | None, epochs: int) -> tuple[pl.Trainer, dict[str, float]]:
+        """One phase's fit (resumed from its ``last.ckpt`` if there is one); its trainer and scalar metrics."""
+        last = self.directory / name / "last.ckpt"
+        trainer = self.make_trainer(
+            epochs, [PhaseCheckpoint(dirpath=self.directory / name, save_last=True, save_top_k=0)]
+        )
+        if self.callback not in trainer.callbacks:
+            raise ValueError("The trainer of a phase must hold the PruneRetrainCallback among its callbacks.")
+        self.callback.fit_round(index)
+        rank_zero_info(f"lightning-prune: {name} ({epochs} epochs)")
+        trainer.fit(self.model, ckpt_path=last if self.resume and last.exists() else None, **self.fit_kwargs)
+        trainer.strategy.barrier("fit_rounds")
+        if not self.callback.is_bound_to(self.model):  # the fit ran in spawned processes (ddp_spawn)
+            self.load(last)
+        return trainer, {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+    def result(self, name: str, epochs: int, metrics: dict[str, float], rejected: bool = False) -> PhaseResult:
+        remaining, total = self.callback.progress()
+        return PhaseResult(name, epochs, self.directory / f"{name}.ckpt", remaining, total, metrics, rejected=rejected)
 
 
-def _run_phase(
-    make_trainer: Callable[[int, list[Callback]], pl.Trainer],
-    model: pl.LightningModule,
-    callback: PruneRetrainCallback,
-    directory: Path,
-    name: str,
-    index: int | None,
-    epochs: int,
-    resume: bool,
-    fit_kwargs: dict[str, Any],
-) -> tuple[pl.Trainer, dict[str, float]]:
-    last = directory / name / "last.ckpt"
-    saver = PhaseCheckpoint(dirpath=directory / name, save_last=True, save_top_k=0)
-    trainer = make_trainer(epochs, [saver])
-    if callback not in trainer.callbacks:
-        raise ValueError("The trainer of a phase must hold the PruneRetrainCallback among its callbacks.")
-    callback.fit_round(index, callback.round_scales.get(index, 1.0) if index is not None else 1.0)
-    rank_zero_info(f"lightning-prune: {name} ({epochs} epochs)")
-    trainer.fit(model, ckpt_path=last if resume and last.exists() else None, **fit_kwargs)
-    trainer.strategy.barrier("fit_rounds")
-    if callback.pruner is None or callback.pruner.model is not model:
-        # The fit ran in spawned processes (ddp_spawn): take its outcome from the phase's checkpoint.
-        _load_phase(last, model, callback)
-    return trainer, {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+def _run_phase(run: _Run, name: str, index: int | None, epochs: int) -> PhaseResult:
+    """Fit one phase until the guard keeps it (retrying it as the guard says); the phase's result."""
+    callback = run.callback
+    if index is not None and callback.has_guard:
+        if callback.needs_guard_baseline:
+            callback.set_guard_baseline(run.validate())
+        callback.take_guard_snapshot(run.model)
+    while True:
+        trainer, metrics = run.fit(name, index, epochs)
+        if index is None and callback.has_guard:
+            callback.set_guard_baseline(metrics)
+        verdict = callback.judge_round(run.model, index, metrics) if index is not None and callback.has_guard else None
+        if verdict is None or verdict.action == "keep":
+            if trainer.is_global_zero:
+                shutil.copyfile(run.directory / name / "last.ckpt", run.directory / f"{name}.ckpt")
+            trainer.strategy.barrier("fit_rounds")
+            return run.result(name, epochs, metrics)
+        if trainer.is_global_zero:
+            shutil.rmtree(run.directory / name, ignore_errors=True)
+        if verdict.action == "stop" and trainer.is_global_zero:
+            run.stopped_file.write_text(f"the accuracy guard stopped the schedule at {name}: {verdict.reason}\n")
+        trainer.strategy.barrier("fit_rounds")
+        if verdict.action == "stop":
+            return run.result(name, epochs, metrics, rejected=True)
 
 
-def _roll_back(model: pl.LightningModule, callback: PruneRetrainCallback, snapshot: tuple[dict, dict]) -> None:
-    decisions, scales = list(callback.decisions), dict(callback.round_scales)
-    model.load_state_dict(snapshot[0])
-    callback.restore(model, snapshot[1])
-    callback.decisions, callback.round_scales = decisions, scales
-
-
-def _result(
-    name: str, epochs: int, end: Path, callback: PruneRetrainCallback, metrics: dict[str, float]
-) -> PhaseResult:
-    assert callback.pruner is not None
-    stats = callback.pruner.stats()
-    return PhaseResult(name, epochs, end, sum(s.remaining for s in stats), sum(s.weights for s in stats), metrics)
+def _phases(callback: PruneRetrainCallback, dense_epochs: int) -> list[tuple[str, int | None, int]]:
+    """``(name, round index or None, epochs)`` of every phase."""
+    if isinstance(dense_epochs, bool) or not isinstance(dense_epochs, int) or dense_epochs < 0:
+        raise ValueError(f"`dense_epochs` must be an integer >= 0, got {dense_epochs!r}.")
+    rounds = callback.schedule.rounds
+    missing = [i for i, r in enumerate(rounds) if r.epochs is None]
+    if missing:
+        raise ValueError(f"rounds[{missing[0]}] has no `epochs`; each round run as its own fit needs them.")
+    phases: list[tuple[str, int | None, int]] = [("dense", None, dense_epochs)] if dense_epochs else []
+    return phases + [(f"round-{k + 1}", k, r.epochs or 0) for k, r in enumerate(rounds)]
 
 
 def fit_rounds(
@@ -145,7 +201,7 @@ def fit_rounds(
     callback: PruneRetrainCallback | None = None,
     *,
     trainer_kwargs: Mapping[str, Any] | None = None,
-    trainer_factory: Callable[[int, list[Callback]], pl.Trainer] | None = None,
+    trainer_factory: MakeTrainer | None = None,
     datamodule: pl.LightningDataModule | None = None,
     train_dataloaders: Any = None,
     val_dataloaders: Any = None,
@@ -181,118 +237,48 @@ def fit_rounds(
 
     Example::
 
-        from lightning_prune import PruneRetrainCallback, fit_rounds
+        from lightning_prune import PruneRetrainCallback, Retraining, fit_rounds
 
         prune = PruneRetrainCallback(
-            retrain_lr_scale=0.1,
-            rounds=[{"quality": 0.8, "epochs": 3}, {"quality": 1.2, "epochs": 3}, {"quality": 1.5, "epochs": 5}],
+            retrain=Retraining(lr_scale=0.1),
+            rounds=[{"level": 0.8, "epochs": 3}, {"level": 1.2, "epochs": 3}, {"level": 1.5, "epochs": 5}],
         )
         results = fit_rounds(model, prune, datamodule=dm, dense_epochs=10, trainer_kwargs={"accelerator": "cpu"})
         print(results[-1].compression)
     """
-    if isinstance(dense_epochs, bool) or not isinstance(dense_epochs, int) or dense_epochs < 0:
-        raise ValueError(f"`dense_epochs` must be an integer >= 0, got {dense_epochs!r}.")
-    if trainer_factory is not None:
-        if trainer_kwargs is not None or callback is None:
-            raise ValueError("With `trainer_factory`, pass `callback` and no `trainer_kwargs`.")
-        make_trainer = trainer_factory
-    else:
-        kwargs = dict(trainer_kwargs or {})
-        for key in ("max_epochs", "min_epochs", "max_steps"):
-            if kwargs.get(key) not in (None, -1):
-                raise ValueError(
-                    f"fit_rounds sets the length of each phase (dense_epochs, rounds' epochs); drop `{key}`."
-                )
-            kwargs.pop(key, None)
-        shared = list(kwargs.pop("callbacks", None) or [])
-        callback = _find_callback(shared, callback)
-
-        def make_trainer(max_epochs: int, extra: list[Callback]) -> pl.Trainer:
-            return pl.Trainer(**kwargs, max_epochs=max_epochs, callbacks=[*shared, callback, *extra])
-
-    missing = [i for i, r in enumerate(callback.rounds) if r.epochs is None]
-    if missing:
-        raise ValueError(f"rounds[{missing[0]}] has no `epochs`; each round run as its own fit needs them.")
-    phases: list[tuple[str, int | None, int]] = [("dense", None, dense_epochs)] if dense_epochs else []
-    phases += [(f"round-{k + 1}", k, r.epochs or 0) for k, r in enumerate(callback.rounds)]
-    directory = Path(checkpoint_dir)
-
-    finished = -1
-    if resume:
-        finished = max(
-            (i for i, (name, _, _) in enumerate(phases) if (directory / f"{name}.ckpt").exists()), default=-1
-        )
-        if finished >= 0:
-            _load_phase(directory / f"{phases[finished][0]}.ckpt", model, callback)
-
+    # Over 60 lines only by its docstring: the body is short.
+    make_trainer, callback = _trainer_maker(callback, trainer_kwargs, trainer_factory)
+    phases = _phases(callback, dense_epochs)
     fit_kwargs: dict[str, Any] = {"datamodule": datamodule} if datamodule is not None else {}
     if train_dataloaders is not None:
         fit_kwargs["train_dataloaders"] = train_dataloaders
     if val_dataloaders is not None:
         fit_kwargs["val_dataloaders"] = val_dataloaders
-    guard = callback.guard
-    stopped_file = directory / "stopped.txt"
+    run = _Run(make_trainer, model, callback, Path(checkpoint_dir), resume, fit_kwargs)
+    finished = max(
+        (i for i, (name, _, _) in enumerate(phases) if (run.directory / f"{name}.ckpt").exists()), default=-1
+    )
     if not resume:
-        stopped_file.unlink(missing_ok=True)
-    halted = stopped_file.exists()
-    callback.stopped = callback.stopped or halted
+        finished = -1
+        run.stopped_file.unlink(missing_ok=True)
+    elif finished >= 0:
+        run.load(run.directory / f"{phases[finished][0]}.ckpt")
+    if run.stopped_file.exists():  # the guard stopped the schedule in an earlier run: no round runs again
+        callback.schedule.stop()
     results: list[PhaseResult] = []
     for i, (name, index, epochs) in enumerate(phases):
-        end = directory / f"{name}.ckpt"
-        if i <= finished:
-            rank_zero_info(f"lightning-prune: {name} finished before ({end}); skipped.")
+        end = run.directory / f"{name}.ckpt"
+        if i <= finished or run.stopped_file.exists():
+            why = f"finished before ({end})" if i <= finished else run.stopped_file.read_text().strip()
+            rank_zero_info(f"lightning-prune: {name} skipped: {why}")
             results.append(PhaseResult(name, epochs, end, 0, 0, skipped=True))
             continue
-        if halted:
-            rank_zero_info(f"lightning-prune: {name} skipped: {stopped_file.read_text().strip()}")
-            results.append(PhaseResult(name, epochs, end, 0, 0, skipped=True))
-            continue
-        snapshot = None
-        if guard is not None and index is not None:
-            if guard.baseline is None:
-                guard.baseline = guard.value(_validate(make_trainer, model, fit_kwargs))
-            callback.bind(model)
-            weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            snapshot = (weights, copy.deepcopy(callback.state_dict()))
-        while True:
-            trainer, metrics = _run_phase(
-                make_trainer, model, callback, directory, name, index, epochs, resume, fit_kwargs
-            )
-            if guard is not None and index is None:
-                guard.baseline = guard.value(metrics)
-            reason = guard.verdict(metrics) if guard is not None and index is not None else None
-            if reason is None:
-                if snapshot is not None and index is not None:
-                    callback.record_decision("kept", index, f"{guard.monitor} within tolerance")
-                if trainer.is_global_zero:
-                    shutil.copyfile(directory / name / "last.ckpt", end)
-                trainer.strategy.barrier("fit_rounds")
-                results.append(_result(name, epochs, end, callback, metrics))
-                break
-            assert snapshot is not None and index is not None and guard is not None
-            _roll_back(model, callback, snapshot)
-            if trainer.is_global_zero:
-                shutil.rmtree(directory / name, ignore_errors=True)
-            tries = sum(1 for d in callback.decisions if d["round"] == index and d["decision"] == "rolled back")
-            if guard.action == "retry" and tries < guard.retries:
-                callback.record_decision("rolled back", index, reason + "; retrying it gentler")
-                callback.round_scales[index] = callback.round_scales.get(index, 1.0) * guard.retry_scale
-                trainer.strategy.barrier("fit_rounds")
-                continue
-            callback.record_decision("rolled back", index, reason + "; the schedule stops")
-            callback.stopped = True
-            if trainer.is_global_zero:
-                stopped_file.write_text(f"the accuracy guard stopped the schedule at {name}: {reason}\n")
-            trainer.strategy.barrier("fit_rounds")
-            results.append(dataclasses.replace(_result(name, epochs, end, callback, metrics), rejected=True))
-            halted = True
-            break
+        results.append(_run_phase(run, name, index, epochs))
     for result in results:
-        if result.skipped:
-            continue
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items()) if not k.startswith("prune/"))
-        rank_zero_info(
-            f"lightning-prune: {result.name}: {result.remaining}/{result.total} weights "
-            f"({result.compression:.1f}x fewer); {shown}"
-        )
+        if not result.skipped:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items()) if not k.startswith("prune/"))
+            rank_zero_info(
+                f"lightning-prune: {result.name}: {result.remaining}/{result.total} weights "
+                f"({result.compression:.1f}x fewer); {shown}"
+            )
     return results

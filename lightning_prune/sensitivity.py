@@ -3,7 +3,7 @@
 :func:`analyze` takes the validation batches of a datamodule (or given dataloaders), prunes each layer
 alone at increasing levels with :func:`lightning_prune.core.sensitivity.sweep`, and returns the
 :class:`~lightning_prune.core.sensitivity.SensitivityResult`: its table, the per-layer ``quality``
-mapping for :class:`~lightning_prune.PruneRetrainCallback` (``result.quality_yaml(0.005)``) and the
+levels for the callback's criterion (``result.quality_yaml(0.005)``) and the
 figure (``result.plot("sensitivity.png")``). Under DDP the layers are shared out among the processes
 and every process returns the whole result.
 
@@ -24,30 +24,30 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lightning_prune.core.criteria import Criterion
 from lightning_prune.core.selection import select_layers
 from lightning_prune.core.sensitivity import (
     DEFAULT_CACHE_BYTES,
-    DEFAULT_LEVELS,
-    SWEEP_CRITERIA,
     SensitivityResult,
     SensitivityRow,
-    SweepCriterion,
     accuracy,
-    check_levels,
     load_quality,
     merge_results,
     plot,
     sweep,
+    sweep_criterion,
+    sweep_levels,
 )
+from lightning_prune.core.settings import Sensitivity
 
 __all__ = [
-    "DEFAULT_LEVELS",
-    "SWEEP_CRITERIA",
     "SensitivityResult",
     "SensitivityRow",
     "accuracy",
     "analyze",
+    "analyze_before_pruning",
     "default_batch_to_xy",
     "distributed_shard",
     "load_quality",
@@ -156,7 +156,7 @@ def analyze(
     dataloaders: Any = None,
     levels: Sequence[float] | None = None,
     layers: Sequence[str] | None = None,
-    criterion: SweepCriterion = "std",
+    criterion: str | Criterion = "std",
     metric: Callable[[Any, Any], Any] | None = None,
     batch_to_xy: Callable[[Any], tuple[Any, Any]] | None = None,
     progress: bool = True,
@@ -177,9 +177,10 @@ def analyze(
         model: The trained network; called as ``model(inputs)``.
         datamodule: Source of the validation batches (``val_dataloader()``, see :func:`validation_batches`).
         dataloaders: Validation dataloaders instead: one, or a list or dict of them (all batches are used).
-        levels: Increasing levels; ``None``: :data:`DEFAULT_LEVELS` of the criterion (qualities 0.25..2.5).
+        levels: Increasing levels; ``None``: the criterion's ``sweep_levels`` (``"std"``: qualities 0.25..2.5).
         layers: Glob patterns over module names, as for the callback; ``None``: every Linear and Conv.
-        criterion: ``"std"`` (levels are Han's quality, threshold ``level * std(W)``) or ``"fraction"``.
+        criterion: The criterion whose levels are swept (an object, or a name): ``"std"`` (levels are Han's
+            quality, threshold ``level * std(W)``), ``"fraction"`` (shares pruned), or your own.
         metric: ``metric(outputs, targets)``, the batch mean; ``None``: accuracy (argmax over dimension 1).
         batch_to_xy: Turns a batch into ``(inputs, targets)``; ``None``: the first two items of a tuple.
         progress: Show a progress bar over layers x levels (on rank 0).
@@ -193,9 +194,9 @@ def analyze(
     Raises:
         ValueError: On bad levels, criterion or layers (before any evaluation), or no validation data.
     """
-    if criterion not in SWEEP_CRITERIA:
-        raise ValueError(f"`criterion` must be one of {SWEEP_CRITERIA} for a sensitivity sweep, got {criterion!r}.")
-    levels = check_levels(DEFAULT_LEVELS[criterion] if levels is None else levels, criterion)
+    # Over 60 lines only by its docstring: the body is short.
+    rule = sweep_criterion(criterion)
+    levels = sweep_levels(rule, levels)
     order = select_layers(model, layers)
     rank, world = distributed_shard()
     loaders = validation_batches(model, datamodule, dataloaders)
@@ -215,7 +216,7 @@ def analyze(
             pairs,
             levels,
             layers=layers,
-            criterion=criterion,
+            criterion=rule,
             metric=metric or accuracy,
             higher_is_better=higher_is_better,
             device=device,
@@ -227,4 +228,32 @@ def analyze(
         parts: list[Any] = [None] * world
         torch.distributed.all_gather_object(parts, result)
         result = merge_results(parts, order=order)
+    return result
+
+
+def analyze_before_pruning(
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    criterion: Criterion,
+    layers: Sequence[str],
+    settings: Sensitivity,
+    verbose: bool,
+) -> SensitivityResult:
+    """The callback's sweep on the dense model, on the fit's validation data, printed when ``verbose``.
+
+    Raises:
+        ValueError: If the fit has no validation data.
+    """
+    datamodule = trainer.datamodule
+    loaders = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
+    if not loaders:
+        raise ValueError("`sensitivity` needs validation data (a val_dataloader) to measure on.")
+    progress = verbose and trainer.is_global_zero
+    result = analyze(model, dataloaders=loaders, levels=settings.levels, layers=layers, criterion=criterion,
+                     progress=progress)  # fmt: skip
+    if verbose:
+        rank_zero_info(
+            f"lightning-prune: sensitivity (accuracy without retraining, each layer pruned alone)\n"
+            f"{result.table()}\n{result.quality_yaml(settings.tolerance, settings.relative)}"
+        )
     return result

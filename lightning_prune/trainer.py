@@ -17,6 +17,8 @@ from lightning_prune.core.structure import remove_dead_units, save_shrunk
 from lightning_prune.rounds import PhaseResult, fit_rounds
 from lightning_prune.sensitivity import SensitivityResult, analyze
 
+__all__ = ["PruneTrainer"]
+
 
 class PruneTrainer(pl.Trainer):
     """A :class:`~lightning.pytorch.Trainer` with a :meth:`rounds` method, for ``lightning-prune rounds``.
@@ -94,7 +96,7 @@ class PruneTrainer(pl.Trainer):
         """Prune each layer alone at increasing levels, measure validation accuracy, suggest per-layer levels.
 
         Writes ``sensitivity.csv``, ``sensitivity.json``, ``sensitivity.png`` (the paper's Figure 5) and
-        ``quality.yaml`` (pass it as the callback's ``quality``) to ``output_dir``.
+        ``quality.yaml`` (levels for the criterion, e.g. ``Std(quality="quality.yaml")``) to ``output_dir``.
 
         Args:
             model: The (trained, dense) LightningModule.

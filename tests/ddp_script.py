@@ -55,7 +55,7 @@ def main() -> None:
     if devices > 1:
         common["strategy"] = "ddp"
     if mode == "single":
-        prune = PruneRetrainCallback(prune_epochs=[1, 2], rounds=[{"quality": 0.6}, {"quality": 1.0}], verbose=True)
+        prune = PruneRetrainCallback(prune_epochs=[1, 2], rounds=[{"level": 0.6}, {"level": 1.0}], verbose=True)
         watch = Watch(prune)
         saver = ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0)
         trainer = pl.Trainer(max_epochs=4 if ckpt else 3, callbacks=[SkewRankOne(), prune, watch, saver], **common)
@@ -63,8 +63,8 @@ def main() -> None:
         result = {"violations": watch.violations, "batches": watch.batches, "dropout": model.net[2].p}
     else:
         prune = PruneRetrainCallback(
-            retrain_lr_scale=0.1,
-            rounds=[{"quality": 0.6, "epochs": 1, "train_only": ["net.3", "net.5"]}, {"quality": 1.0, "epochs": 1}],
+            retrain={"lr_scale": 0.1},
+            rounds=[{"level": 0.6, "epochs": 1, "train_only": ["net.3", "net.5"]}, {"level": 1.0, "epochs": 1}],
         )
         watch = Watch(prune)
         results = fit_rounds(
@@ -78,7 +78,7 @@ def main() -> None:
         trainer = None
         result = {"violations": watch.violations, "phases": [r.name for r in results], "dropout": model.net[2].p}
     rank = int(torch.distributed.get_rank()) if torch.distributed.is_initialized() else 0
-    result.update(masks=checksums(prune), done_rounds=prune.done_rounds, rank=rank)
+    result.update(masks=checksums(prune), done_rounds=prune.schedule.done, rank=rank)
     (out / f"{mode}-rank{rank}.json").write_text(json.dumps(result))
     if torch.distributed.is_initialized():
         # Lightning leaves the gloo group alive; torn down at interpreter exit, its threads can abort the

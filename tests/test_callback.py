@@ -12,7 +12,19 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from toy_models import ToyConvNet, ToyMLP, image_loader, make_trainer, toy_loader
 
-from lightning_prune import PruneRetrainCallback, PruningError
+from lightning_prune import (
+    DropoutAdjustment,
+    Fraction,
+    Global,
+    Guard,
+    PruneRetrainCallback,
+    PruningError,
+    Regularization,
+    Retraining,
+    Round,
+    Sensitivity,
+    Std,
+)
 from lightning_prune.checkpoint import CheckpointError
 
 
@@ -55,7 +67,7 @@ def weights_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_pruned_weights_stay_zero(tmp_path, optimizer, trainer_kwargs, manual):
     torch.manual_seed(0)
     model = ToyMLP(optimizer=optimizer, manual=manual)
-    prune = PruneRetrainCallback(quality=0.8, prune_epochs=[1, 2], verbose=False)
+    prune = PruneRetrainCallback(criterion=Std(quality=0.8), prune_epochs=[1, 2], verbose=False)
     check = ZerosStayZeros(prune)
     trainer = make_trainer(tmp_path, [prune, check], max_epochs=4, **trainer_kwargs)
     trainer.fit(model, toy_loader())
@@ -65,7 +77,7 @@ def test_pruned_weights_stay_zero(tmp_path, optimizer, trainer_kwargs, manual):
         assert keep.dtype == torch.bool
         assert 0 < keep.sum() < keep.numel()
         assert torch.all(model.get_parameter(name)[~keep] == 0)
-    assert prune.done_rounds == [0, 1]
+    assert prune.schedule.done == [0, 1]
 
 
 class PoisonedGradients(Callback):
@@ -92,7 +104,7 @@ class PoisonedGradients(Callback):
 @pytest.mark.parametrize("clip", [None, 1.0])
 def test_non_finite_gradients_never_reach_pruned_weights_or_their_state(tmp_path, optimizer, where, value, clip):
     torch.manual_seed(0)
-    prune = PruneRetrainCallback(quality=0.8, prune_epochs=[1], verbose=False)
+    prune = PruneRetrainCallback(criterion=Std(quality=0.8), prune_epochs=[1], verbose=False)
     check = ZerosStayZeros(prune)
     trainer = make_trainer(
         tmp_path, [prune, PoisonedGradients(prune, where, value), check], max_epochs=3, gradient_clip_val=clip
@@ -112,7 +124,7 @@ class NoisyClipping(ToyMLP):
 
 def test_gradients_rewritten_by_a_modules_own_clipping_hook_are_masked_again(tmp_path):
     torch.manual_seed(0)
-    prune = PruneRetrainCallback(quality=0.8, prune_epochs=[1], verbose=False)
+    prune = PruneRetrainCallback(criterion=Std(quality=0.8), prune_epochs=[1], verbose=False)
     check = ZerosStayZeros(prune)
     make_trainer(tmp_path, [prune, check], max_epochs=3).fit(NoisyClipping(), toy_loader())
     assert check.checked > 0
@@ -121,7 +133,7 @@ def test_gradients_rewritten_by_a_modules_own_clipping_hook_are_masked_again(tmp
 def test_surviving_weights_keep_training(tmp_path):
     torch.manual_seed(0)
     model = ToyMLP()
-    prune = PruneRetrainCallback(quality=0.5, prune_epochs=[1], verbose=False)
+    prune = PruneRetrainCallback(criterion=Std(quality=0.5), prune_epochs=[1], verbose=False)
 
     class Snapshot(Callback):
         def on_train_epoch_start(self, trainer, pl_module):
@@ -142,7 +154,7 @@ def test_masks_only_shrink_across_prunes(tmp_path):
         def on_train_epoch_end(self, trainer, pl_module):
             seen.append({k: v.clone() for k, v in prune.pruner.masks.items()})
 
-    prune = PruneRetrainCallback(quality=0.7, prune_epochs=[1, 2, 3], std_of="surviving", verbose=False)
+    prune = PruneRetrainCallback(criterion=Std(quality=0.7, std_of="surviving"), prune_epochs=[1, 2, 3], verbose=False)
     make_trainer(tmp_path, [prune, Record()], max_epochs=4).fit(ToyMLP(), toy_loader())
     for earlier, later in itertools.pairwise(seen[1:]):
         for name in earlier:
@@ -161,7 +173,7 @@ def test_han_threshold_matches_quality_times_dense_std(tmp_path):
 
     capture = Capture()
     # Capture runs before the pruning callback's hook, so it sees the dense weights.
-    prune = PruneRetrainCallback(quality={"net.0": 1.5, "*": 0.5}, prune_epochs=[1], verbose=False)
+    prune = PruneRetrainCallback(criterion=Std(quality={"net.0": 1.5, "*": 0.5}), prune_epochs=[1], verbose=False)
     make_trainer(tmp_path, [capture, prune], max_epochs=2).fit(model, toy_loader())
     threshold = 1.5 * capture.dense.std().item()
     assert prune.pruner.thresholds["net.0.weight"] == pytest.approx(threshold, rel=1e-6)
@@ -172,13 +184,13 @@ def test_han_threshold_matches_quality_times_dense_std(tmp_path):
 def test_fraction_and_global_criteria(tmp_path):
     torch.manual_seed(0)
     model = ToyMLP()
-    prune = PruneRetrainCallback(criterion="fraction", amount={"net.5": 0.5, "*": 0.9}, prune_epochs=[0])
+    prune = PruneRetrainCallback(criterion=Fraction(amount={"net.5": 0.5, "*": 0.9}), prune_epochs=[0])
     make_trainer(tmp_path, [prune], max_epochs=1).fit(model, toy_loader())
     remaining = {s.name: s.remaining for s in prune.pruner.stats()}
     assert remaining == {"net.0.weight": 38, "net.3.weight": 51, "net.5.weight": 24}
 
     model = ToyMLP()
-    prune = PruneRetrainCallback(criterion="global", amount=0.8, prune_epochs=[0], verbose=False)
+    prune = PruneRetrainCallback(criterion=Global(amount=0.8), prune_epochs=[0], verbose=False)
     make_trainer(tmp_path, [prune], max_epochs=1).fit(model, toy_loader())
     total = sum(s.weights for s in prune.pruner.stats())
     assert sum(s.remaining for s in prune.pruner.stats()) == total - round(0.8 * total)
@@ -187,7 +199,7 @@ def test_fraction_and_global_criteria(tmp_path):
 def test_layers_by_pattern_on_conv_net(tmp_path):
     torch.manual_seed(0)
     model = ToyConvNet()
-    prune = PruneRetrainCallback(layers=["features.*"], quality=0.6, prune_epochs=[0], verbose=False)
+    prune = PruneRetrainCallback(layers=["features.*"], criterion=Std(quality=0.6), prune_epochs=[0], verbose=False)
     make_trainer(tmp_path, [prune], max_epochs=1).fit(model, image_loader())
     assert list(prune.pruner.masks) == ["features.0.weight", "features.3.weight"]
     assert torch.all(model.classifier[1].weight != 0)
@@ -195,12 +207,19 @@ def test_layers_by_pattern_on_conv_net(tmp_path):
 
 def test_default_schedule_prunes_at_half_of_max_epochs(tmp_path):
     prune = PruneRetrainCallback(verbose=False)
-    make_trainer(tmp_path, [prune], max_epochs=5).fit(ToyMLP(), toy_loader())
-    assert prune.done_rounds == [0] and prune._starts == [2]
+    seen = []
+
+    class Record(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append((prune.schedule.start_of(0), len(prune.schedule.done)))
+
+    make_trainer(tmp_path, [prune, Record()], max_epochs=5).fit(ToyMLP(), toy_loader())
+    assert prune.schedule.done == [0]
+    assert seen == [(2, 0), (2, 0), (2, 1), (2, 1), (2, 1)]
 
 
 def test_logs_sparsity_and_prints_table(tmp_path, caplog):
-    prune = PruneRetrainCallback(quality=1.0, prune_epochs=[1])
+    prune = PruneRetrainCallback(criterion=Std(quality=1.0), prune_epochs=[1])
     trainer = make_trainer(tmp_path, [prune], max_epochs=2)
     with caplog.at_level("INFO"):
         trainer.fit(ToyMLP(), toy_loader())
@@ -215,7 +234,7 @@ def test_logs_sparsity_and_prints_table(tmp_path, caplog):
 def test_logged_to_a_real_logger(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
-    prune = PruneRetrainCallback(quality=1.0, prune_epochs=[1], verbose=False)
+    prune = PruneRetrainCallback(criterion=Std(quality=1.0), prune_epochs=[1], verbose=False)
     trainer = make_trainer(tmp_path, [prune], max_epochs=2, logger=CSVLogger(tmp_path))
     trainer.fit(ToyMLP(), toy_loader())
     text = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
@@ -225,7 +244,7 @@ def test_logged_to_a_real_logger(tmp_path):
 def _run(tmp_path, max_epochs, ckpt_path=None, save=False, seed=0):
     pl.seed_everything(seed, verbose=False)
     model = ToyMLP(optimizer="adam")
-    prune = PruneRetrainCallback(quality=0.8, prune_epochs=[1, 3], verbose=False)
+    prune = PruneRetrainCallback(criterion=Std(quality=0.8), prune_epochs=[1, 3], verbose=False)
     callbacks = [prune]
     if save:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0))
@@ -239,7 +258,7 @@ def test_resume_gives_same_masks_and_weights_as_uninterrupted(tmp_path):
     _run(tmp_path / "part", max_epochs=2, save=True)
     ckpt = tmp_path / "part" / "last.ckpt"
     resumed_model, resumed_prune = _run(tmp_path / "part", max_epochs=5, ckpt_path=ckpt)
-    assert resumed_prune.done_rounds == [0, 1]
+    assert resumed_prune.schedule.done == [0, 1]
     for name, keep in full_prune.pruner.masks.items():
         assert torch.equal(keep, resumed_prune.pruner.masks[name])
     assert full_prune.pruner.dense_std == resumed_prune.pruner.dense_std
@@ -251,7 +270,7 @@ def test_checkpoint_is_plain_and_weights_only_loadable(tmp_path):
     _run(tmp_path, max_epochs=2, save=True)
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
     (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("PruneRetrainCallback")]
-    assert state["done_rounds"] == [0]
+    assert state["schedule"]["done"] == [0]
     masks = state["pruner"]["masks"]
     assert all(m.dtype == torch.bool for m in masks.values())
     assert not any("mask" in key or "orig" in key for key in ckpt["state_dict"])
@@ -284,8 +303,8 @@ def _set_mask(name, value):
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        (lambda s: s.__setitem__("version", 99), r"version 99; this lightning-prune reads versions 1 to 2 \(a newer"),
-        (lambda s: s.__setitem__("version", "2"), r"version '2'; this lightning-prune reads versions 1 to 2\."),
+        (lambda s: s.__setitem__("version", 99), r"version 99; this lightning-prune reads versions 1 to 3 \(a newer"),
+        (lambda s: s.__setitem__("version", "2"), r"version '2'; this lightning-prune reads versions 1 to 3\."),
         (lambda s: s["pruner"]["masks"].pop("net.3.weight"), r"records a prune of 'net\.3\.weight' but holds no mask"),
         (_set_mask("net.3.weight", torch.ones(16, 32)), r"mask of 'net\.3\.weight' has shape \(16, 32\) and dtype"),
         (_set_mask("net.3.weight", torch.ones(16, 31, dtype=torch.bool)), r"'net\.3\.weight' has shape \(16, 31\)"),
@@ -330,7 +349,7 @@ def test_a_version_1_state_still_loads(tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*runs late.*")  # round 0 is done: it must not run again
         _, prune = _run(tmp_path, max_epochs=4, ckpt_path=tmp_path / "last.ckpt")
-    assert prune.done_rounds == [0, 1]  # round 0 taken from the old state, round 1 pruned at epoch 3
+    assert prune.schedule.done == [0, 1]  # round 0 taken from the old state, round 1 pruned at epoch 3
 
 
 def test_resume_from_a_dense_checkpoint_prunes_late(tmp_path):
@@ -339,15 +358,15 @@ def test_resume_from_a_dense_checkpoint_prunes_late(tmp_path):
         tmp_path, [ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)], 3, enable_checkpointing=True
     )
     trainer.fit(ToyMLP(), toy_loader())
-    prune = PruneRetrainCallback(quality=0.8, prune_epochs=[1], verbose=False)
+    prune = PruneRetrainCallback(criterion=Std(quality=0.8), prune_epochs=[1], verbose=False)
     with pytest.warns(UserWarning, match="Round 0 was due at epoch 1; it runs late, at the start of epoch 3"):
         make_trainer(tmp_path, [prune], max_epochs=4).fit(ToyMLP(), toy_loader(), ckpt_path=tmp_path / "last.ckpt")
-    assert prune.done_rounds == [0] and prune.pruner.masks
+    assert prune.schedule.done == [0] and prune.pruner.masks
 
 
 def test_optimizer_hooks_removed_after_fit(tmp_path):
     model = ToyMLP()
-    prune = PruneRetrainCallback(quality=1.0, prune_epochs=[0], verbose=False)
+    prune = PruneRetrainCallback(criterion=Std(quality=1.0), prune_epochs=[0], verbose=False)
     trainer = make_trainer(tmp_path, [prune], max_epochs=1)
     trainer.fit(model, toy_loader())
     optimizer = trainer.optimizers[0]
@@ -360,32 +379,40 @@ def test_optimizer_hooks_removed_after_fit(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("make", "match"),
     [
-        ({"layers": "fc1"}, "`layers` must be None or a non-empty list of glob patterns"),
-        ({"layers": []}, "`layers` must be None or a non-empty list"),
-        ({"quality": -0.5}, r"`quality` must be a finite number >= 0, got -0.5"),
-        ({"quality": math.nan}, r"`quality` must be a finite number >= 0, got nan"),
-        ({"quality": math.inf}, r"`quality` must be a finite number >= 0, got inf"),
-        ({"quality": {"fc*": -1.0}}, r"`quality\['fc\*'\]` must be a finite number >= 0"),
-        ({"prune_epochs": [5, 3]}, r"strictly increasing .* got \[5, 3\]"),
-        ({"prune_epochs": [2, 2]}, r"strictly increasing \(sorted, no duplicates\), got \[2, 2\]"),
-        ({"prune_epochs": [-1]}, r"integers >= 0, got -1"),
-        ({"prune_epochs": [1.5]}, r"integers >= 0, got 1.5"),
-        ({"prune_epochs": []}, "`prune_epochs` is empty"),
-        ({"prune_epochs": 3}, "`prune_epochs` must be a list of epoch indices, got 3"),
-        ({"criterion": "l1"}, r"`criterion` must be one of \('std', 'fraction', 'global'\), got 'l1'"),
-        ({"std_of": "all"}, r"`std_of` must be one of \('dense', 'surviving'\), got 'all'"),
-        ({"criterion": "fraction"}, "criterion='fraction' needs `amount`"),
-        ({"criterion": "fraction", "amount": 1.5}, r"`amount` must be a number in \[0, 1\], got 1.5"),
-        ({"criterion": "fraction", "amount": {"fc": -0.1}}, r"`amount\['fc'\]` must be a number in \[0, 1\]"),
-        ({"amount": 0.5}, "`amount` is for criterion='fraction' or 'global'"),
-        ({"min_remaining": 2}, r"`min_remaining` must be a number in \[0, 1\], got 2"),
+        (lambda: {"layers": "fc1"}, "`layers` must be None or a non-empty list of glob patterns"),
+        (lambda: {"layers": []}, "`layers` must be None or a non-empty list"),
+        (lambda: {"criterion": Std(quality=-0.5)}, r"`quality` must be a finite number >= 0, got -0.5"),
+        (lambda: {"criterion": Std(quality=math.nan)}, r"`quality` must be a finite number >= 0, got nan"),
+        (lambda: {"criterion": Std(quality=math.inf)}, r"`quality` must be a finite number >= 0, got inf"),
+        (lambda: {"criterion": Std(quality={"fc*": -1.0})}, r"`quality\['fc\*'\]` must be a finite number >= 0"),
+        (lambda: {"rounds": [{"level": -1.0}]}, r"rounds\[0\]: `level` must be a finite number >= 0, got -1"),
+        (lambda: {"prune_epochs": [5, 3]}, r"strictly increasing .* got \[5, 3\]"),
+        (lambda: {"prune_epochs": [2, 2]}, r"strictly increasing \(sorted, no duplicates\), got \[2, 2\]"),
+        (lambda: {"prune_epochs": [-1]}, r"`prune_epochs\[0\]` must be an integer >= 0, got -1"),
+        (lambda: {"prune_epochs": [1.5]}, r"`prune_epochs\[0\]` must be an integer >= 0, got 1.5"),
+        (lambda: {"prune_epochs": []}, r"`prune_epochs` must be a non-empty list of epoch indices or None, got \[\]"),
+        (lambda: {"prune_epochs": 3}, "`prune_epochs` must be a non-empty list of epoch indices or None, got 3"),
+        (lambda: {"criterion": "l1"}, r"`criterion` must be a registered name \(fraction, global, std\).*got 'l1'"),
+        (lambda: {"criterion": 3}, r"`criterion` must be a registered name \(fraction, global, std\).*got 3"),
+        (lambda: {"criterion": Std(std_of="all")}, r"`std_of` must be one of \('dense', 'surviving'\), got 'all'"),
+        (lambda: {"criterion": "fraction"}, r"rounds\[0\]: `level` is missing: criterion Fraction\(amount=None\)"),
+        (lambda: {"criterion": Fraction(amount=1.5)}, r"`amount` must be a number in \[0, 1\], got 1.5"),
+        (lambda: {"criterion": Fraction(amount={"fc": -0.1})}, r"`amount\['fc'\]` must be a number in \[0, 1\]"),
+        (
+            lambda: {"criterion": "fraction", "rounds": [{"level": 1.5}]},
+            r"rounds\[0\]: `level` must be a number in \[0, 1",
+        ),
+        (lambda: {"rounds": [{"amount": 0.5}]}, r"rounds\[0\]: Unknown key 'amount'\. Accepted keys: level, epochs"),
+        (lambda: {"criterion": Global(amount={"*": 0.5})}, "Criterion 'global' takes one `amount` for all layers"),
+        (lambda: {"criterion": Std(min_remaining=2)}, r"`min_remaining` must be a number in \[0, 1\] or None, got 2"),
+        (lambda: {"rounds": [{"min_remaining": 2}]}, r"rounds\[0\]: `min_remaining` must be a number in \[0, 1\]"),
     ],
 )
-def test_bad_constructor_arguments(kwargs, match):
+def test_bad_constructor_arguments(make, match):
     with pytest.raises(ValueError, match=match):
-        PruneRetrainCallback(**kwargs)
+        PruneRetrainCallback(**make())
 
 
 @pytest.mark.parametrize(
@@ -393,10 +420,10 @@ def test_bad_constructor_arguments(kwargs, match):
     [
         ({"layers": ["fc9"]}, {}, r"Pattern 'fc9' in `layers` matches no module .* 'net.0', 'net.3', 'net.5'"),
         ({"layers": ["net.1"]}, {}, "Pattern 'net.1' in `layers` matches no module with a prunable weight"),
-        ({"quality": {"net.0": 1.0}}, {}, "Layer 'net.3' matches no pattern in `quality`"),
-        ({"quality": {"conv*": 1.0, "*": 1.0}}, {}, "Pattern 'conv\\*' in `quality` matches none of the pruned"),
+        ({"criterion": Std(quality={"net.0": 1.0})}, {}, r"rounds\[0\]: Layer 'net.3' matches no pattern in `quality`"),
+        ({"criterion": Std(quality={"conv*": 1.0, "*": 1.0})}, {}, r"Pattern 'conv\*' in `quality` matches none of"),
+        ({"rounds": [{"level": {"conv*": 1.0, "*": 1.0}}]}, {}, r"Pattern 'conv\*' in `quality` matches none of"),
         ({}, {"max_epochs": 1}, r"prunes once at max_epochs // 2, .*got 1"),
-        ({"criterion": "global", "amount": {"*": 0.5}}, {}, "criterion='global' takes one `amount`"),
     ],
 )
 def test_bad_setup_fails_before_training_and_leaves_model_untouched(tmp_path, kwargs, trainer_kwargs, match):
@@ -416,7 +443,7 @@ def test_prune_epochs_beyond_max_epochs_warn(tmp_path):
     prune = PruneRetrainCallback(prune_epochs=[1, 4, 6], verbose=False)
     with pytest.warns(UserWarning, match=r"epochs \[4, 6\] are at or beyond max_epochs=4: they will not run"):
         make_trainer(tmp_path, [prune], max_epochs=4).fit(ToyMLP(), toy_loader())
-    assert prune.done_rounds == [0]
+    assert prune.schedule.done == [0]
 
 
 def test_non_finite_weights_at_prune_time(tmp_path):
@@ -433,13 +460,57 @@ def test_non_finite_weights_at_prune_time(tmp_path):
 
 def test_a_prune_that_empties_a_layer_fails_unless_floored(tmp_path):
     model = ToyMLP()
-    prune = PruneRetrainCallback(quality=50.0, prune_epochs=[1], verbose=False)
+    prune = PruneRetrainCallback(criterion=Std(quality=50.0), prune_epochs=[1], verbose=False)
     trainer = make_trainer(tmp_path, [prune], max_epochs=2)
     with pytest.raises(PruningError, match=r"Pruning would remove every connection of 'net\.0\.weight'"):
         trainer.fit(model, toy_loader())
     assert not prune.pruner.masks
     assert torch.all(model.net[0].weight != 0)
 
-    prune = PruneRetrainCallback(quality=50.0, prune_epochs=[1], min_remaining=0.05, verbose=False)
+    prune = PruneRetrainCallback(criterion=Std(quality=50.0, min_remaining=0.05), prune_epochs=[1], verbose=False)
     make_trainer(tmp_path, [prune], max_epochs=2).fit(ToyMLP(), toy_loader())
     assert [s.remaining for s in prune.pruner.stats()] == [math.ceil(0.05 * n) for n in (384, 512, 48)]
+
+
+def test_progress_and_is_bound_to(tmp_path):
+    torch.manual_seed(0)
+    model, other = ToyMLP(), ToyMLP()
+    prune = PruneRetrainCallback(criterion=Std(quality=0.8), prune_epochs=[1], verbose=False)
+    assert prune.progress() == (0, 0) and not prune.is_bound_to(model)
+    prune.bind(model)
+    assert prune.is_bound_to(model) and not prune.is_bound_to(other)
+    assert prune.progress() == (944, 944)  # 12*32 + 32*16 + 16*3 weights, none pruned yet
+    make_trainer(tmp_path, [prune], max_epochs=2).fit(model, toy_loader())
+    assert prune.is_bound_to(model)
+    assert prune.progress() == (sum(int(k.sum()) for k in prune.pruner.masks.values()), 944)
+    assert prune.progress()[0] < 944
+    prune.bind(other)  # another model: a fresh selection, nothing pruned in it
+    assert prune.is_bound_to(other) and not prune.is_bound_to(model) and prune.progress() == (944, 944)
+
+
+def test_settings_as_dataclasses_or_dicts_are_the_same():
+    as_objects = PruneRetrainCallback(
+        rounds=[Round(level=0.5, epochs=1), Round(epochs=2, lr_scale=0.5)],
+        retrain=Retraining(lr_scale=0.1, train_only=["net.5"]),
+        dense=Regularization(weight_decay=0.0),
+        dropout=DropoutAdjustment(links={"net.2": "net.3"}),
+        guard=Guard("val_acc", tolerance=0.01),
+        sensitivity=Sensitivity(tolerance=0.01),
+    )
+    as_dicts = PruneRetrainCallback(
+        rounds=[{"level": 0.5, "epochs": 1}, {"epochs": 2, "lr_scale": 0.5}],
+        retrain={"lr_scale": 0.1, "train_only": ["net.5"]},
+        dense={"weight_decay": 0.0},
+        dropout={"links": {"net.2": "net.3"}},
+        guard={"monitor": "val_acc", "tolerance": 0.01},
+        sensitivity={"tolerance": 0.01},
+    )
+    for a, b in ((as_objects, as_dicts), (as_dicts, as_objects)):
+        assert a.retrain == b.retrain and a.phase.dense == b.phase.dense and a.dropout_settings == b.dropout_settings
+        assert a.guard.settings == b.guard.settings and a.sensitivity_settings == b.sensitivity_settings
+    fields = [(r.level, r.epochs, r.lr_scale, r.train_only, r.rule.describe()) for r in as_dicts.schedule.rounds]
+    assert fields == [
+        (0.5, 1, 0.1, ["net.5"], "Std(quality=1.0, std_of='dense')"),
+        (1.0, 2, 0.5, ["net.5"], fields[0][4]),
+    ]
+    assert [(r.level, r.epochs, r.lr_scale) for r in as_objects.schedule.rounds] == [f[:3] for f in fields]

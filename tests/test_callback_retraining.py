@@ -12,8 +12,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from toy_models import ToyConvNet, ToyMLP, image_loader, make_trainer, toy_loader
 
-from lightning_prune import PruneRetrainCallback
+from lightning_prune import DropoutAdjustment, PruneRetrainCallback, Regularization, Retraining, Std
 from lightning_prune.core.dropout import DropoutAdjuster
+
+# The dropout links' name in errors (core/dropout.py still says `dropout_map`, the argument is `dropout.links`).
+LINKS = r"`dropout(_map|\.links)`?"
 
 
 class AtEpochStart(Callback):
@@ -36,7 +39,7 @@ def remaining(prune: PruneRetrainCallback, name: str) -> float:
 def test_dropout_rate_follows_the_formula_each_round_without_compounding(tmp_path):
     torch.manual_seed(0)
     model = ToyMLP(dropout=0.5)
-    prune = PruneRetrainCallback(prune_epochs=[1, 2], rounds=[{"quality": 0.6}, {"quality": 1.2}], verbose=False)
+    prune = PruneRetrainCallback(prune_epochs=[1, 2], rounds=[{"level": 0.6}, {"level": 1.2}], verbose=False)
     record = AtEpochStart(lambda t, m: (m.net[2].p, remaining(prune, "net.3.weight") if prune.pruner.masks else 1))
     make_trainer(tmp_path, [prune, record], max_epochs=3).fit(model, toy_loader())
     (p0, _), (p1, r1), (p2, r2) = record.seen
@@ -44,8 +47,8 @@ def test_dropout_rate_follows_the_formula_each_round_without_compounding(tmp_pat
     assert p1 == pytest.approx(0.5 * math.sqrt(r1), rel=1e-12)
     assert p2 == pytest.approx(0.5 * math.sqrt(r2), rel=1e-12)
     assert r2 < r1 < 1
-    assert prune.dropout.original == {"net.2": 0.5}
-    assert prune.dropout.links == {"net.2": ["net.3"]} and prune.dropout.source == "traced"
+    assert prune.dropout.adjuster.original == {"net.2": 0.5}
+    assert prune.dropout.adjuster.links == {"net.2": ["net.3"]} and prune.dropout.adjuster.source == "traced"
 
 
 def test_alexnet_classifier_dropout_links_and_rates(tmp_path):
@@ -67,12 +70,18 @@ def test_alexnet_classifier_dropout_links_and_rates(tmp_path):
     data = torch.utils.data.TensorDataset(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,)))
     model = Alex()
     prune = PruneRetrainCallback(
-        layers=["net.classifier.*"], quality={"net.classifier.6": 0.5, "*": 1.5}, prune_epochs=[1], verbose=False
+        layers=["net.classifier.*"],
+        criterion=Std(quality={"net.classifier.6": 0.5, "*": 1.5}),
+        prune_epochs=[1],
+        verbose=False,
     )
     make_trainer(tmp_path, [prune], max_epochs=2, limit_train_batches=1).fit(
         model, torch.utils.data.DataLoader(data, batch_size=2)
     )
-    assert prune.dropout.links == {"net.classifier.0": ["net.classifier.1"], "net.classifier.3": ["net.classifier.4"]}
+    assert prune.dropout.adjuster.links == {
+        "net.classifier.0": ["net.classifier.1"],
+        "net.classifier.3": ["net.classifier.4"],
+    }
     classifier = model.net.classifier
     assert classifier[0].p == pytest.approx(0.5 * math.sqrt(remaining(prune, "net.classifier.1.weight")))
     assert classifier[3].p == pytest.approx(0.5 * math.sqrt(remaining(prune, "net.classifier.4.weight")))
@@ -113,10 +122,10 @@ class OddOrder(pl.LightningModule):
 
 def test_traced_forward_order_beats_registration_order(tmp_path):
     model = OddOrder()
-    prune = PruneRetrainCallback(quality={"fc1": 0.3, "fc2": 1.2}, prune_epochs=[1], verbose=False)
+    prune = PruneRetrainCallback(criterion=Std(quality={"fc1": 0.3, "fc2": 1.2}), prune_epochs=[1], verbose=False)
     assert DropoutAdjuster(model).links == {"drop": ["fc1"]}  # registration order is misleading here
     make_trainer(tmp_path, [prune], max_epochs=2).fit(model, toy_loader())
-    assert prune.dropout.links == {"drop": ["fc2"]}
+    assert prune.dropout.adjuster.links == {"drop": ["fc2"]}
     assert model.drop.p == pytest.approx(0.4 * math.sqrt(remaining(prune, "fc2.weight")))
 
 
@@ -129,52 +138,52 @@ def test_functional_dropout_is_reported_once(tmp_path):
 
 def test_dropout_map_overrides_links(tmp_path):
     model = OddOrder()
-    prune = PruneRetrainCallback(quality=1.0, prune_epochs=[1], dropout_map={"drop": "fc1"}, verbose=False)
+    prune = PruneRetrainCallback(
+        criterion=Std(quality=1.0), prune_epochs=[1], dropout=DropoutAdjustment(links={"drop": "fc1"}), verbose=False
+    )
     make_trainer(tmp_path, [prune], max_epochs=2).fit(model, toy_loader())
-    assert prune.dropout.links == {"drop": ["fc1"]}
+    assert prune.dropout.adjuster.links == {"drop": ["fc1"]}
     assert model.drop.p == pytest.approx(0.4 * math.sqrt(remaining(prune, "fc1.weight")))
 
 
 def test_adjust_dropout_off_leaves_rates(tmp_path):
     model = ToyMLP(dropout=0.5)
-    prune = PruneRetrainCallback(quality=1.0, prune_epochs=[1], adjust_dropout=False, verbose=False)
+    prune = PruneRetrainCallback(criterion=Std(quality=1.0), prune_epochs=[1], dropout=None, verbose=False)
     make_trainer(tmp_path, [prune], max_epochs=2).fit(model, toy_loader())
     assert model.net[2].p == 0.5 and prune.dropout is None
 
 
 def test_dropout_rates_survive_resume(tmp_path):
     torch.manual_seed(0)
-    prune = PruneRetrainCallback(quality=1.0, prune_epochs=[1], verbose=False)
+    prune = PruneRetrainCallback(criterion=Std(quality=1.0), prune_epochs=[1], verbose=False)
     saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
     make_trainer(tmp_path, [prune, saver], max_epochs=2, enable_checkpointing=True).fit(
         ToyMLP(dropout=0.5), toy_loader()
     )
-    adjusted = prune.dropout.current()["net.2"]
+    adjusted = prune.dropout.adjuster.current()["net.2"]
     assert adjusted < 0.5
 
     fresh = ToyMLP(dropout=0.5)
-    resumed = PruneRetrainCallback(quality=1.0, prune_epochs=[1], verbose=False)
+    resumed = PruneRetrainCallback(criterion=Std(quality=1.0), prune_epochs=[1], verbose=False)
     record = AtEpochStart(lambda t, m: m.net[2].p)
     make_trainer(tmp_path, [resumed, record], max_epochs=3).fit(fresh, toy_loader(), ckpt_path=tmp_path / "last.ckpt")
     assert record.seen == [adjusted]
-    assert resumed.dropout.original == {"net.2": 0.5}
-    assert resumed.dropout.source == "traced"
+    assert resumed.dropout.adjuster.original == {"net.2": 0.5}
+    assert resumed.dropout.adjuster.source == "traced" and resumed.dropout.traced
 
 
 @pytest.mark.parametrize(
-    ("dropout_map", "match"),
+    ("links", "match"),
     [
-        ({"nope": "fc1"}, r"`dropout_map` key 'nope' is not a module of the model\. Dropout modules: \['drop'\]"),
-        ({"fc1": "fc2"}, r"`dropout_map` key 'fc1' is a Linear, not a dropout module"),
-        (
-            {"drop": "drop"},
-            r"`dropout_map\['drop'\]` = 'drop' is not a module with weights\. Accepted: \['fc1', 'fc2'\]",
-        ),
+        ({"nope": "fc1"}, rf"{LINKS} key 'nope' is not a module of the model\. Dropout modules: \['drop'\]"),
+        ({"fc1": "fc2"}, rf"{LINKS} key 'fc1' is a Linear, not a dropout module"),
+        ({"drop": "drop"}, rf"{LINKS}\['drop'\]` = 'drop' is not a module with weights\. Accepted: \['fc1', 'fc2'\]"),
     ],
 )
-def test_bad_dropout_map(tmp_path, dropout_map, match):
+def test_bad_dropout_links(tmp_path, links, match):
     model = OddOrder()
-    trainer = make_trainer(tmp_path, [PruneRetrainCallback(prune_epochs=[1], dropout_map=dropout_map)], 2)
+    prune = PruneRetrainCallback(prune_epochs=[1], dropout=DropoutAdjustment(links=links))
+    trainer = make_trainer(tmp_path, [prune], 2)
     with pytest.raises(ValueError, match=match):
         trainer.fit(model, toy_loader())
     assert trainer.global_step == 0 and model.drop.p == 0.4
@@ -188,7 +197,11 @@ def group_settings(trainer, pl_module):
 def test_weight_decay_and_lr_during_retraining_survive_the_scheduler(tmp_path):
     model = ToyMLP(scheduler=True, split_decay=True)  # SGD lr 0.05, StepLR gamma 0.5; groups: weights 1e-3, biases 0
     prune = PruneRetrainCallback(
-        quality=0.8, prune_epochs=[2], weight_decay=0.0, retrain_weight_decay=5e-4, retrain_lr_scale=0.1, verbose=False
+        criterion=Std(quality=0.8),
+        prune_epochs=[2],
+        dense=Regularization(weight_decay=0.0),
+        retrain=Retraining(weight_decay=5e-4, lr_scale=0.1),
+        verbose=False,
     )
     record = AtEpochStart(group_settings)
     make_trainer(tmp_path, [prune, record], max_epochs=5).fit(model, toy_loader())
@@ -201,20 +214,22 @@ def test_weight_decay_and_lr_during_retraining_survive_the_scheduler(tmp_path):
 
 def test_user_weight_decay_kept_when_not_configured(tmp_path):
     model = ToyMLP()
-    prune = PruneRetrainCallback(quality=0.8, prune_epochs=[1], verbose=False)
+    prune = PruneRetrainCallback(criterion=Std(quality=0.8), prune_epochs=[1], verbose=False)
     record = AtEpochStart(group_settings)
     make_trainer(tmp_path, [prune, record], max_epochs=2).fit(model, toy_loader())
     assert [g[0][1] for g in record.seen] == [1e-3, 1e-3]
 
 
 def test_lr_scale_is_not_compounded_across_rounds_and_resume(tmp_path):
-    rounds = [{"quality": 0.5, "lr_scale": 0.1}, {"quality": 0.8, "lr_scale": 0.01}, {"quality": 0.9}]
-    prune = PruneRetrainCallback(prune_epochs=[1, 2, 3], rounds=rounds, retrain_lr_scale=0.5, verbose=False)
+    rounds = [{"level": 0.5, "lr_scale": 0.1}, {"level": 0.8, "lr_scale": 0.01}, {"level": 0.9}]
+    prune = PruneRetrainCallback(prune_epochs=[1, 2, 3], rounds=rounds, retrain=Retraining(lr_scale=0.5), verbose=False)
     saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
     record = AtEpochStart(lambda t, m: t.optimizers[0].param_groups[0]["lr"])
     make_trainer(tmp_path, [prune, saver, record], max_epochs=3, enable_checkpointing=True).fit(ToyMLP(), toy_loader())
     assert record.seen == pytest.approx([0.05, 0.005, 0.0005])
-    resumed = PruneRetrainCallback(prune_epochs=[1, 2, 3], rounds=rounds, retrain_lr_scale=0.5, verbose=False)
+    resumed = PruneRetrainCallback(
+        prune_epochs=[1, 2, 3], rounds=rounds, retrain=Retraining(lr_scale=0.5), verbose=False
+    )
     record = AtEpochStart(lambda t, m: t.optimizers[0].param_groups[0]["lr"])
     make_trainer(tmp_path, [resumed, record], max_epochs=4).fit(
         ToyMLP(), toy_loader(), ckpt_path=tmp_path / "last.ckpt"
@@ -240,7 +255,7 @@ def _first_step_grads(tmp_path, **kwargs):
 
 def test_l1_adds_l1_times_sign_to_selected_weights_only(tmp_path):
     plain = _first_step_grads(tmp_path)
-    with_l1 = _first_step_grads(tmp_path, l1=0.01)
+    with_l1 = _first_step_grads(tmp_path, dense=Regularization(l1=0.01))
     for name in ("net.0.weight", "net.3.weight", "net.5.weight"):
         expected = plain[name] + 0.01 * plain["weights"][name].sign()
         torch.testing.assert_close(with_l1[name], expected)
@@ -253,7 +268,9 @@ class HalfOptimized(ToyMLP):
 
 
 def test_l1_with_weights_no_optimizer_holds(tmp_path):
-    trainer = make_trainer(tmp_path, [PruneRetrainCallback(prune_epochs=[1], retrain_l1=1e-4)], max_epochs=2)
+    trainer = make_trainer(
+        tmp_path, [PruneRetrainCallback(prune_epochs=[1], retrain=Retraining(l1=1e-4))], max_epochs=2
+    )
     with pytest.raises(ValueError, match=r"no optimizer of the trainer holds 'net\.3\.weight'"):
         trainer.fit(HalfOptimized(), toy_loader())
 
@@ -265,7 +282,7 @@ def test_train_only_freezes_the_rest_for_its_round_then_thaws(tmp_path):
     prune = PruneRetrainCallback(
         layers=["classifier.*"],
         prune_epochs=[1, 2],
-        rounds=[{"quality": 0.7, "train_only": ["classifier"]}, {"quality": 1.0}],
+        rounds=[{"level": 0.7, "train_only": ["classifier"]}, {"level": 1.0}],
         verbose=False,
     )
 
@@ -296,7 +313,7 @@ def test_train_only_freezes_the_rest_for_its_round_then_thaws(tmp_path):
 
 def test_frozen_prefix_gets_no_gradient(tmp_path):
     model = ToyConvNet()
-    prune = PruneRetrainCallback(prune_epochs=[1], train_only=["classifier"], verbose=False)
+    prune = PruneRetrainCallback(prune_epochs=[1], retrain=Retraining(train_only=["classifier"]), verbose=False)
 
     class Grads(Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -313,8 +330,8 @@ def test_frozen_prefix_gets_no_gradient(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"train_only": ["head"]}, r"rounds\[0\]: .*'head'"),
-        ({"rounds": [{"quality": 1.0, "train_only": ["fc9"]}]}, r"rounds\[0\]: .*'fc9'"),
+        ({"retrain": Retraining(train_only=["head"])}, r"rounds\[0\]: .*'head'"),
+        ({"rounds": [{"level": 1.0, "train_only": ["fc9"]}]}, r"rounds\[0\]: .*'fc9'"),
     ],
 )
 def test_bad_train_only(tmp_path, kwargs, match):
@@ -329,22 +346,25 @@ def test_train_only_that_freezes_everything(tmp_path):
     model = ToyMLP()
     for p in model.net[5].parameters():
         p.requires_grad_(False)
-    trainer = make_trainer(tmp_path, [PruneRetrainCallback(prune_epochs=[1], train_only=["net.5"])], max_epochs=2)
+    trainer = make_trainer(
+        tmp_path, [PruneRetrainCallback(prune_epochs=[1], retrain=Retraining(train_only=["net.5"]))], max_epochs=2
+    )
     with pytest.raises(ValueError, match="no parameter trainable"):
         trainer.fit(model, toy_loader())
 
 
 # ----------------------------------------------------------------------------------------------- rounds in one fit
 def test_rounds_with_epochs_fill_the_end_of_training(tmp_path):
-    prune = PruneRetrainCallback(rounds=[{"quality": 0.5, "epochs": 2}, {"quality": 1.0, "epochs": 3}], verbose=False)
-    record = AtEpochStart(lambda t, m: len(prune.done_rounds))
-    make_trainer(tmp_path, [prune, record], max_epochs=8).fit(ToyMLP(), toy_loader())
-    assert prune._starts == [3, 5]
+    prune = PruneRetrainCallback(rounds=[{"level": 0.5, "epochs": 2}, {"level": 1.0, "epochs": 3}], verbose=False)
+    record = AtEpochStart(lambda t, m: len(prune.schedule.done))
+    starts = AtEpochStart(lambda t, m: [prune.schedule.start_of(k) for k in range(2)])
+    make_trainer(tmp_path, [prune, record, starts], max_epochs=8).fit(ToyMLP(), toy_loader())
+    assert starts.seen == [[3, 5]] * 8
     assert record.seen == [0, 0, 0, 1, 1, 2, 2, 2]
 
 
 def test_round_end_summary_is_printed(tmp_path, caplog):
-    prune = PruneRetrainCallback(rounds=[{"quality": 0.5, "epochs": 1}, {"quality": 1.0, "epochs": 1}])
+    prune = PruneRetrainCallback(rounds=[{"level": 0.5, "epochs": 1}, {"level": 1.0, "epochs": 1}])
     with caplog.at_level("INFO"):
         make_trainer(tmp_path, [prune], max_epochs=3).fit(ToyMLP(), toy_loader())
     assert "end of round 1/2" in caplog.text and "end of round 2/2" in caplog.text
@@ -354,19 +374,35 @@ def test_round_end_summary_is_printed(tmp_path, caplog):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"rounds": []}, r"`rounds` must be a non-empty list of dicts"),
-        ({"rounds": [{"quality": 1.0, "lr": 0.1}]}, r"Unknown key 'rounds\[0\]\.lr'\. Accepted keys: epochs, layers"),
-        ({"rounds": [0.5]}, r"`rounds\[0\]` must be a dict of round settings, got 0\.5"),
-        ({"rounds": [{"epochs": 0}]}, r"`rounds\[0\]\.epochs` must be an integer >= 1, got 0"),
-        ({"rounds": [{"lr_scale": 0}]}, r"`rounds\[0\]\.lr_scale` must be a finite number > 0, got 0"),
-        ({"rounds": [{"weight_decay": -1.0}]}, r"`rounds\[0\]\.weight_decay` must be a finite number >= 0"),
-        ({"rounds": [{"criterion": "fraction"}]}, r"`rounds\[0\]\.criterion` is 'fraction', which needs `amount`"),
+        ({"rounds": []}, r"`rounds` must be a non-empty list of rounds, got \[\]"),
+        ({"rounds": {"level": 1.0}}, r"`rounds` must be a non-empty list of rounds"),
+        (
+            {"rounds": [{"level": 1.0, "lr": 0.1}]},
+            r"rounds\[0\]: Unknown key 'lr'\. Accepted keys: level, epochs, layers",
+        ),
+        ({"rounds": [0.5]}, r"`rounds\[0\]` must be a Round or a mapping of its fields, got 0\.5"),
+        ({"rounds": [{"epochs": 0}]}, r"rounds\[0\]: `epochs` must be an integer >= 1 or None, got 0"),
+        ({"rounds": [{"lr_scale": 0}]}, r"rounds\[0\]: `lr_scale` must be a finite number > 0 or None, got 0"),
+        ({"rounds": [{"weight_decay": -1.0}]}, r"rounds\[0\]: `weight_decay` must be a finite number >= 0"),
+        (
+            {"rounds": [{"criterion": "fraction"}]},
+            r"rounds\[0\]: `level` is missing: criterion Fraction\(amount=None\)",
+        ),
+        ({"rounds": [{"criterion": "l2"}]}, r"rounds\[0\]: `criterion` must be a registered name"),
         ({"rounds": [{}, {}], "prune_epochs": [1]}, r"`prune_epochs` has 1 entries but there are 2 rounds"),
         ({"rounds": [{"epochs": 2}], "prune_epochs": [1]}, r"either `prune_epochs` or per-round `epochs`"),
-        ({"retrain_lr_scale": -0.1}, r"`retrain_lr_scale` must be a finite number > 0, got -0\.1"),
-        ({"retrain_weight_decay": math.inf}, r"`retrain_weight_decay` must be a finite number >= 0 or None"),
-        ({"l1": -1e-5}, r"`l1` must be a finite number >= 0, got -1e-05"),
-        ({"dropout_map": ["drop"]}, r"`dropout_map` must be a dict of dropout module name -> layer name"),
+        ({"retrain": {"lr_scale": -0.1}}, r"`retrain\.lr_scale` must be a finite number > 0, got -0\.1"),
+        ({"retrain": {"weight_decay": math.inf}}, r"`retrain\.weight_decay` must be a finite number >= 0 or None"),
+        (
+            {"retrain": {"train_only": "fc1"}},
+            r"`retrain\.train_only` must be None or a non-empty list of glob patterns",
+        ),
+        ({"retrain": {"lr": 0.1}}, r"Unknown key 'lr' in `retrain`\. Accepted keys: lr_scale, weight_decay"),
+        ({"retrain": 0.1}, r"`retrain` must be a Retraining or a mapping of its fields, got 0\.1"),
+        ({"dense": {"l1": -1e-5}}, r"`dense\.l1` must be a finite number >= 0, got -1e-05"),
+        ({"dense": {"weight_decay": -1.0}}, r"`dense\.weight_decay` must be a finite number >= 0 or None"),
+        ({"dropout": {"links": ["drop"]}}, r"`dropout\.links` must be a dict of dropout module name -> layer name"),
+        ({"dropout": {"map": {}}}, r"Unknown key 'map' in `dropout`\. Accepted keys: links"),
     ],
 )
 def test_bad_round_arguments(kwargs, match):
@@ -378,7 +414,7 @@ def test_bad_round_arguments(kwargs, match):
     ("kwargs", "max_epochs", "match"),
     [
         ({"rounds": [{"epochs": 3}, {"epochs": 3}]}, 5, r"retrain for 6 epochs in all, more than max_epochs=5"),
-        ({"rounds": [{"quality": 0.5}, {"quality": 0.9}]}, 4, r"rounds\[0\]` has no `epochs`"),
+        ({"rounds": [{"level": 0.5}, {"level": 0.9}]}, 4, r"rounds\[0\]` has no `epochs`"),
         ({"rounds": [{"layers": ["fc9"]}]}, 4, r"rounds\[0\]: Pattern 'fc9'"),
     ],
 )

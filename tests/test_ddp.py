@@ -15,7 +15,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 from toy_models import ToyMLP, make_trainer, toy_loader
 
-from lightning_prune import PruneRetrainCallback
+from lightning_prune import PruneRetrainCallback, Retraining, Std
+from lightning_prune.fit_checks import check_strategy
 
 HERE = Path(__file__).parent
 
@@ -43,7 +44,7 @@ def test_ddp_masks_are_decided_once_and_identical_then_resume_on_one_and_two_dev
     assert all(r["violations"] == 0 and r["batches"] > 0 and r["done_rounds"] == [0, 1] for r in first)
 
     checkpoint = tmp_path / "last.ckpt"
-    prune = PruneRetrainCallback(prune_epochs=[1, 2], rounds=[{"quality": 0.6}, {"quality": 1.0}], verbose=False)
+    prune = PruneRetrainCallback(prune_epochs=[1, 2], rounds=[{"level": 0.6}, {"level": 1.0}], verbose=False)
     make_trainer(tmp_path / "one", [prune], max_epochs=4).fit(
         ToyMLP(dropout=0.5), toy_loader(n=128), ckpt_path=checkpoint
     )
@@ -81,7 +82,7 @@ class DumpMasks(Callback):
 
 
 def test_ddp_spawn_gives_identical_masks(tmp_path):
-    prune = PruneRetrainCallback(prune_epochs=[1], quality=0.8, verbose=False)
+    prune = PruneRetrainCallback(prune_epochs=[1], criterion=Std(quality=0.8), verbose=False)
     trainer = make_trainer(tmp_path, [prune, DumpMasks(tmp_path)], max_epochs=2, strategy="ddp_spawn", devices=2)
     assert trainer.world_size == 2
     model = ToyMLP()
@@ -97,23 +98,23 @@ def test_sharded_strategies_are_refused(strategy):
     prune = PruneRetrainCallback(prune_epochs=[1])
     fake = SimpleNamespace(strategy=strategy.__new__(strategy))
     with pytest.raises(ValueError, match=rf"does not support {strategy.__name__} yet: it shards parameters"):
-        prune._check_strategy(fake)
+        check_strategy(fake, prune.schedule)
 
 
 def test_train_only_in_one_ddp_fit_needs_find_unused_parameters():
-    prune = PruneRetrainCallback(prune_epochs=[1], train_only=["net.5"])
+    prune = PruneRetrainCallback(prune_epochs=[1], retrain=Retraining(train_only=["net.5"]))
     with pytest.raises(ValueError, match="strategy='ddp_find_unused_parameters_true'"):
-        prune._check_strategy(SimpleNamespace(strategy=DDPStrategy()))
-    prune._check_strategy(SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True)))
+        check_strategy(SimpleNamespace(strategy=DDPStrategy()), prune.schedule)
+    check_strategy(SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True)), prune.schedule)
     prune.fit_round(0)
-    prune._check_strategy(SimpleNamespace(strategy=DDPStrategy()))
+    check_strategy(SimpleNamespace(strategy=DDPStrategy()), prune.schedule)
 
 
 def test_masks_live_on_the_parameters_device():
     model = ToyMLP()
     prune = PruneRetrainCallback(prune_epochs=[0], verbose=False)
     prune.bind(model)
-    prune.pruner.prune(quality=0.5)
+    prune.pruner.prune("std", 0.5)
     for name, keep in prune.pruner.masks.items():
         assert keep.device == model.get_parameter(name).device
     if torch.cuda.is_available():

@@ -83,8 +83,27 @@ CONFIG_RECIPES = {"lenet300.yaml": ("lenet300", "full"), "lenet300_quick.yaml": 
 CONFIG_RECIPES["lenet5.yaml"] = ("lenet5", "full")
 
 
+def resolved(callback) -> dict:
+    """What a callback trains, as plain values: its settings and every resolved round."""
+    rounds = [
+        {
+            "criterion": r.rule.describe(),
+            "level": r.level,
+            "floor": r.min_remaining if r.min_remaining is not None else r.rule.min_remaining,
+            **{k: getattr(r, k) for k in ("layers", "epochs", "train_only", "lr_scale", "weight_decay", "l1")},
+        }
+        for r in callback.schedule.rounds
+    ]
+    settings = {k: getattr(callback, k) for k in ("layers", "prune_bias", "shrink_at_end", "retrain")}
+    settings |= {"dense": callback.phase.dense, "dropout": callback.dropout_settings, "guard": callback.guard}
+    settings |= {"sensitivity": callback.sensitivity_settings, "prune_epochs": callback.schedule.prune_epochs}
+    return {"criterion": callback.criterion.describe(), **settings, "rounds": rounds}
+
+
 @pytest.mark.parametrize("config", sorted(CONFIG_RECIPES))
 def test_example_config_matches_its_recipe(reproduce, config: str) -> None:
+    from lightning_prune import PruneRetrainCallback
+
     recipe = reproduce.RECIPES[CONFIG_RECIPES[config][0]][CONFIG_RECIPES[config][1]]
     cfg = yaml.safe_load((ROOT / "examples" / "configs" / config).read_text())
     assert cfg["model"]["init_args"] == recipe.model
@@ -92,9 +111,10 @@ def test_example_config_matches_its_recipe(reproduce, config: str) -> None:
     assert cfg["trainer"]["max_epochs"] == recipe.dense_epochs + recipe.retrain_epochs
     assert cfg["trainer"].get("gradient_clip_val") == recipe.gradient_clip_val
     (callback,) = cfg["trainer"]["callbacks"]
-    init = dict(callback["init_args"])
-    assert init.pop("min_remaining") == 0.01  # the configs' floor for smoke runs, which never binds in a real run
-    assert init == recipe.callback
+    init = copy.deepcopy(callback["init_args"])
+    # the configs' floor for smoke runs, which never binds in a real run
+    assert init["criterion"]["init_args"].pop("min_remaining") == 0.01
+    assert resolved(PruneRetrainCallback(**init)) == resolved(reproduce.build_callback(recipe))
 
 
 def test_paired_comparison_counts_and_exact_mcnemar(reproduce) -> None:
@@ -156,13 +176,121 @@ def test_lenet5_recipes_clip_gradients(reproduce) -> None:
 
 
 def test_every_recipe_builds_its_callback(reproduce) -> None:
-    from lightning_prune import PruneRetrainCallback
-
     for net, recipes in reproduce.RECIPES.items():
         for name, recipe in recipes.items():
-            callback = PruneRetrainCallback(**recipe.callback)
-            assert len(callback.rounds) == len(recipe.callback["rounds"]), (net, name)
-            assert recipe.retrain_epochs == sum(r["epochs"] for r in recipe.callback["rounds"]), (net, name)
+            before = copy.deepcopy(recipe.callback)
+            callback = reproduce.build_callback(recipe)
+            assert len(callback.schedule.rounds) == len(recipe.callback["rounds"]), (net, name)
+            assert recipe.retrain_epochs == sum(r.epochs for r in callback.schedule.rounds), (net, name)
+            assert recipe.callback == before and callback.verbose is False, (net, name)
+
+
+def std(floor: float | None = None) -> str:
+    """The description of ``Std()`` (quality 1.0, the dense std) with floor ``floor``."""
+    return "Std(quality=1.0" + ("" if floor is None else f", min_remaining={floor!r}") + ", std_of='dense')"
+
+
+# What the first releases' PruneRetrainCallback(**recipe.callback) configured (its build_rounds: each round
+# the callback's defaults updated by the round's keys), written out: criterion, level and floor of each
+# prune, and how each round retrains (checked against that code when the library changed shape).
+L300 = [
+    {"fc1": 0.8, "fc2": 0.6, "fc3": 0.4},
+    {"fc1": 1.3, "fc2": 1.0, "fc3": 0.6},
+    {"fc1": 1.8, "fc2": 1.4, "fc3": 0.8},
+    {"fc1": 2.3, "fc2": 1.7, "fc3": 1.0},
+    {"fc1": 2.8, "fc2": 2.0, "fc3": 1.2},
+]
+L5_LAYERS = [["fc*"], ["conv*"], ["fc*"], ["conv*"], None]
+L5 = [{"fc1": 1.0, "fc2": 0.5}, {"conv1": 0.25, "conv2": 0.8}, {"fc1": 1.8, "fc2": 1.1}, {"conv1": 0.5, "conv2": 1.3}]
+L5 += [{"conv1": 0.5, "conv2": 1.3, "fc1": 1.8, "fc2": 1.1}]
+TABLE2 = [{"fc1": 0.7, "fc2": 0.5}, {"conv1": 0.2, "conv2": 0.6}, {"fc1": 0.925, "fc2": 0.81}]
+TABLE2 += [{"conv1": 0.34, "conv2": 0.88}, {"conv1": 0.34, "conv2": 0.88, "fc1": 0.925, "fc2": 0.81}]
+
+
+def first_rounds(levels, epochs, rule: str | None = None, floor=None, layers=None, train_only=None) -> list[dict]:
+    """Rounds as the first callback resolved them: retraining at the dense rate with L2 5e-4, no L1."""
+    count = len(levels)
+    layers, train_only = layers or [None] * count, train_only or [None] * count
+    return [
+        {"criterion": rule or std(floor), "level": level, "floor": floor, "layers": lay, "epochs": e}
+        | {"train_only": only, "lr_scale": 1.0, "weight_decay": 5e-4, "l1": 0.0}
+        for level, e, lay, only in zip(levels, epochs, layers, train_only, strict=True)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("net", "name", "floor", "rounds"),
+    [
+        ("lenet300", "quick", None, first_rounds(L300, [2, 2, 2, 2, 8])),
+        ("lenet300", "tiny", 0.01, first_rounds(L300[:2], [1, 1], floor=0.01)),
+        ("lenet5", "full", None, first_rounds(L5, [2, 2, 2, 2, 6], layers=L5_LAYERS)),
+        ("lenet5", "local", None, first_rounds(L5, [2, 2, 2, 2, 6], layers=L5_LAYERS, train_only=L5_LAYERS)),
+        ("lenet5", "tiny", 0.01, first_rounds(L5[:2], [1, 1], floor=0.01, layers=L5_LAYERS[:2])),
+        ("lenet5", "table2", None, first_rounds(TABLE2, [2] * 4 + [6], "Fraction(amount=None)", layers=L5_LAYERS)),
+    ],
+)
+def test_recipes_configure_the_rounds_the_first_callback_did(reproduce, net, name, floor, rounds) -> None:
+    got = resolved(reproduce.build_callback(reproduce.RECIPES[net][name]))
+    assert got["criterion"] == std(floor) and got["rounds"] == rounds
+    assert got["retrain"] == reproduce.Retraining(lr_scale=1.0, weight_decay=5e-4)
+    assert got["dense"] == reproduce.Regularization() and got["dropout"] == reproduce.DropoutAdjustment()
+    assert got["guard"] is None and got["sensitivity"] is None and got["layers"] is None
+    assert got["prune_epochs"] is None and got["prune_bias"] is False and got["shrink_at_end"] is False
+
+
+def test_callback_kwargs_maps_the_settings_ablations_change(reproduce) -> None:
+    settings = {"retrain_lr_scale": 0.1, "adjust_dropout": False, "min_remaining": 0.02, "std_of": "surviving"}
+    settings |= {
+        "rounds": [{"quality": 0.5, "epochs": 1}, {"criterion": "fraction", "amount": {"fc1": 0.9}, "epochs": 2}]
+    }
+    before = copy.deepcopy(settings)
+    kwargs = reproduce.callback_kwargs(settings)
+    assert settings == before
+    assert kwargs["retrain"].lr_scale == 0.1 and kwargs["dropout"] is None
+    callback = reproduce.PruneRetrainCallback(**kwargs)
+    first, second = resolved(callback)["rounds"]
+    assert first["criterion"] == "Std(quality=1.0, min_remaining=0.02, std_of='surviving')" and first["level"] == 0.5
+    # the floor was every round's default: a round with a criterion of its own keeps it
+    assert second["criterion"] == "Fraction(amount=None, min_remaining=0.02)" and second["level"] == {"fc1": 0.9}
+    assert reproduce.callback_kwargs({"dropout_map": {"drop1": "fc2"}})["dropout"].links == {"drop1": "fc2"}
+    guarded = reproduce.callback_kwargs(
+        {"guard_monitor": "val_acc", "guard_tolerance": 0.01, "sensitivity_tolerance": 0}
+    )
+    assert guarded["guard"] == reproduce.Guard("val_acc", tolerance=0.01)
+    assert guarded["sensitivity"] == reproduce.Sensitivity(tolerance=0)
+    with pytest.raises(ValueError, match="Unknown recipe callback setting 'retrain'"):
+        reproduce.callback_kwargs({"retrain": {"lr_scale": 0.1}})
+    with pytest.raises(ValueError, match=r"Unknown setting 'level' in rounds\[0\]"):
+        reproduce.callback_kwargs({"rounds": [{"level": 0.5, "epochs": 1}]})
+
+
+def test_a_recipe_prunes_as_the_callback_configured_by_hand(reproduce, tmp_path: Path, mnist_dir: str) -> None:
+    """Two batches per epoch on 512 images: the recipe's callback and one written out in the new shape agree."""
+    from lightning_prune import PruneRetrainCallback, Retraining, Round, Std
+
+    tiny = reproduce.RECIPES["lenet5"]["tiny"]
+    tiny = dataclasses.replace(tiny, subset=512, limit_train_batches=2, test_images=100)
+    by_hand = PruneRetrainCallback(
+        criterion=Std(min_remaining=0.01),
+        retrain=Retraining(lr_scale=1.0, weight_decay=5e-4),
+        rounds=[
+            Round(layers=["fc*"], level={"fc1": 1.0, "fc2": 0.5}, epochs=1),
+            Round(layers=["conv*"], level={"conv1": 0.25, "conv2": 0.8}, epochs=1),
+        ],
+        verbose=False,
+    )
+    made = [reproduce.build_callback(tiny), by_hand]
+    runs = []
+    with pytest.MonkeyPatch.context() as mp:
+        for k, callback in enumerate(made):
+            mp.setattr(reproduce, "build_callback", lambda recipe, callback=callback, **overrides: callback)
+            runs.append(reproduce.run_seed("lenet5", tiny, 0, mnist_dir, tmp_path / str(k), echo=False))
+    recipe_masks, hand_masks = (callback.pruner.masks for callback in made)
+    assert recipe_masks.keys() == hand_masks.keys() == {f"{n}.weight" for n in ("conv1", "conv2", "fc1", "fc2")}
+    assert all(torch.equal(recipe_masks[k], hand_masks[k]) for k in recipe_masks)
+    weights = [run["_pruned"].state_dict() for run in runs]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert runs[0]["compression"] == runs[1]["compression"] > 1
 
 
 def test_gentle_lenet5_is_the_full_recipe_stopped_after_round_3(reproduce) -> None:

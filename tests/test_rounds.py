@@ -10,9 +10,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from toy_models import ToyMLP, toy_loader
 
-from lightning_prune import PruneRetrainCallback, fit_rounds
+from lightning_prune import PruneRetrainCallback, Retraining, fit_rounds
 
-ROUNDS = [{"quality": 0.5, "epochs": 2}, {"quality": 0.9, "epochs": 2}, {"quality": 1.2, "epochs": 2}]
+ROUNDS = [{"level": 0.5, "epochs": 2}, {"level": 0.9, "epochs": 2}, {"level": 1.2, "epochs": 2}]
 QUIET = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False}
 
 
@@ -45,7 +45,7 @@ class Record(Callback):
 def run(tmp_path, *, callbacks=(), resume=True, dropout=0.0, scale=0.1):
     pl.seed_everything(0, verbose=False)
     model = ToyMLP(optimizer="adam", dropout=dropout)
-    prune = PruneRetrainCallback(rounds=ROUNDS, retrain_lr_scale=scale, verbose=False)
+    prune = PruneRetrainCallback(rounds=ROUNDS, retrain=Retraining(lr_scale=scale), verbose=False)
     results = fit_rounds(
         model,
         prune,
@@ -69,7 +69,7 @@ def test_one_fit_per_phase_with_fresh_optimizers_and_checkpoints(tmp_path):
     assert remaining[0] == results[0].total and remaining[1] > remaining[2] > remaining[3]
     keep = prune.pruner.masks["net.3.weight"]
     assert record.fits[-1][2] == pytest.approx(0.5 * math.sqrt(keep.sum().item() / keep.numel()))
-    assert prune.done_rounds == [0, 1, 2]
+    assert prune.schedule.done == [0, 1, 2]
     assert results[-1].compression == pytest.approx(results[-1].total / results[-1].remaining)
     assert all(p.requires_grad for p in model.parameters())
 
@@ -81,7 +81,7 @@ def test_interrupted_run_resumes_to_the_same_masks_and_weights(tmp_path, fit, ep
         run(tmp_path / "run", callbacks=[Interrupt(fit, epoch)])
     model, prune, results = run(tmp_path / "run")
     assert [r.skipped for r in results] == [i < fit for i in range(4)]
-    assert prune.done_rounds == [0, 1, 2]
+    assert prune.schedule.done == [0, 1, 2]
     for name, keep in reference_prune.pruner.masks.items():
         assert torch.equal(keep, prune.pruner.masks[name]), name
     for key, value in reference.state_dict().items():
@@ -96,14 +96,14 @@ def test_resume_false_starts_over(tmp_path):
 
 
 def test_callback_found_in_trainer_callbacks(tmp_path):
-    prune = PruneRetrainCallback(rounds=[{"quality": 0.5, "epochs": 1}], verbose=False)
+    prune = PruneRetrainCallback(rounds=[{"level": 0.5, "epochs": 1}], verbose=False)
     results = fit_rounds(
         ToyMLP(),
         trainer_kwargs={**QUIET, "callbacks": [prune]},
         train_dataloaders=toy_loader(),
         checkpoint_dir=tmp_path,
     )
-    assert [r.name for r in results] == ["round-1"] and prune.done_rounds == [0]
+    assert [r.name for r in results] == ["round-1"] and prune.schedule.done == [0]
 
 
 @pytest.mark.parametrize(

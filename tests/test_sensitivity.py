@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 from toy_models import ToyConvNet, ToyData, ToyMLP, image_loader, toy_loader
 
+from lightning_prune import Fraction, Std
 from lightning_prune.sensitivity import SensitivityResult, analyze, sweep, validation_batches
 
 LEVELS = [0.5, 1.0, 2.0]
@@ -83,13 +84,26 @@ def test_missing_or_double_data_source_and_bad_arguments_are_refused():
         analyze(model, progress=False)
     with pytest.raises(ValueError, match="either `datamodule` or `dataloaders` to the sensitivity analysis, not both"):
         analyze(model, datamodule=ToyData(), dataloaders=toy_loader(), progress=False)
-    with pytest.raises(ValueError, match=r"`criterion` must be one of \('std', 'fraction'\).*got 'global'"):
+    with pytest.raises(ValueError, match=r"prunes one layer at a time; criterion Global\(amount=None\) has one level"):
         analyze(model, dataloaders=toy_loader(), criterion="global", progress=False)
+    with pytest.raises(ValueError, match=r"`criterion` must be a registered name \(fraction, global, std\)"):
+        analyze(model, dataloaders=toy_loader(), criterion="l1", progress=False)
     with pytest.raises(ValueError, match=r"strictly increasing, got 0.5 after 1.0"):
         analyze(model, dataloaders=toy_loader(), levels=[1.0, 0.5], progress=False)
     with pytest.raises(ValueError, match="Pattern 'conv\\*' in `layers` matches no module"):
         analyze(model, dataloaders=toy_loader(), layers=["conv*"], progress=False)
     assert len(validation_batches(dataloaders={"a": toy_loader(), "b": toy_loader()})) == 2
+
+
+def test_criterion_objects_and_names_sweep_alike():
+    torch.manual_seed(0)
+    model = ToyMLP()
+    by_name = analyze(model, dataloaders=toy_loader(), levels=[0.2, 0.6], criterion="fraction", progress=False)
+    by_object = analyze(model, dataloaders=toy_loader(), levels=[0.2, 0.6], criterion=Fraction(), progress=False)
+    assert by_name == by_object and by_name.criterion == "fraction"
+    assert analyze(model, dataloaders=toy_loader(), levels=LEVELS, criterion=Std(std_of="dense"), progress=False) == (
+        analyze(model, dataloaders=toy_loader(), levels=LEVELS, progress=False)
+    )
 
 
 def test_progress_bar_counts_layers_times_levels(capsys):

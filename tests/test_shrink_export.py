@@ -11,13 +11,15 @@ import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from toy_models import RandomImages, SmallImages, ToyConvNet, ToyMLP, ToyResNet, image_loader, make_trainer, toy_loader
 
-from lightning_prune import PruneRetrainCallback, PruneTrainer
+from lightning_prune import Fraction, PruneRetrainCallback, PruneTrainer, Std
 from lightning_prune.checkpoint import CheckpointError
 from lightning_prune.cli import PruneCLI
 from lightning_prune.core import load_shrunk, load_sparse, shapes
 from lightning_prune.zoo import LeNet300100
 
-HEAVY = {"criterion": "fraction", "amount": {"fc1": 0.5, "fc2": 0.99, "fc3": 0.5}}
+HEAVY_AMOUNT = {"fc1": 0.5, "fc2": 0.99, "fc3": 0.5}
+HEAVY = {"criterion": Fraction(amount=HEAVY_AMOUNT)}
+HEAVY_YAML = {"criterion": {"class_path": "lightning_prune.Fraction", "init_args": {"amount": HEAVY_AMOUNT}}}
 
 
 class OutputsBeforeShrink(Callback):
@@ -46,12 +48,9 @@ def test_shrink_at_end_removes_dead_units_with_the_same_outputs(tmp_path):
         assert keep.shape == model.get_parameter(name).shape
 
 
-RESNET_PRUNE = {
-    "layers": ["model.layer1.0.conv1", "model.layer2.0.conv1"],
-    "criterion": "fraction",
-    "amount": 0.3,
-    "prune_epochs": [0],
-}
+RESNET_PRUNE = {"layers": ["model.layer1.0.conv1", "model.layer2.0.conv1"], "prune_epochs": [0]}
+RESNET_YAML = {**RESNET_PRUNE, "criterion": {"class_path": "lightning_prune.Fraction", "init_args": {"amount": 0.3}}}
+RESNET_PRUNE["criterion"] = Fraction(amount=0.3)
 
 
 class ConvBNNet(ToyConvNet):
@@ -73,7 +72,11 @@ def test_shrink_at_end_on_batchnorm_nets_in_train_mode(tmp_path, net):
         model, data, kwargs = ToyResNet(), SmallImages(), RESNET_PRUNE
         record.inputs = torch.randn(4, 3, 32, 32)
     else:
-        model, data, kwargs = ConvBNNet(), None, {"layers": ["features.0"], "quality": 0.0, "prune_epochs": [0]}
+        model, data, kwargs = (
+            ConvBNNet(),
+            None,
+            {"layers": ["features.0"], "criterion": Std(quality=0.0), "prune_epochs": [0]},
+        )
         record.inputs = torch.randn(4, 1, 8, 8)
     prune = PruneRetrainCallback(**kwargs, shrink_at_end=True, verbose=False)
     trainer = make_trainer(tmp_path, [record, prune], max_epochs=1, limit_train_batches=2)
@@ -97,7 +100,7 @@ def test_export_subcommand_shrinks_a_resnet18_checkpoint(tmp_path):
             "enable_progress_bar": False,
             "enable_model_summary": False,
             "accelerator": "cpu",
-            "callbacks": [{"class_path": "lightning_prune.PruneRetrainCallback", "init_args": RESNET_PRUNE}],
+            "callbacks": [{"class_path": "lightning_prune.PruneRetrainCallback", "init_args": RESNET_YAML}],
         },
     }
     path = tmp_path / "resnet.yaml"
@@ -132,7 +135,7 @@ def test_export_subcommand_writes_a_compact_file_and_a_shrunk_model(tmp_path):
             "callbacks": [
                 {
                     "class_path": "lightning_prune.PruneRetrainCallback",
-                    "init_args": {**HEAVY, "prune_epochs": [1]},
+                    "init_args": {**HEAVY_YAML, "prune_epochs": [1]},
                 }
             ],
         },
@@ -167,11 +170,13 @@ def _export_outcome(trainer, checkpoint, output):
 
 def test_export_of_a_damaged_checkpoint_fails_clearly_or_exports_the_same(tmp_path):
     torch.manual_seed(0)
-    prune = PruneRetrainCallback(quality=0.8, prune_epochs=[1], verbose=False)
+    prune = PruneRetrainCallback(criterion=Std(quality=0.8), prune_epochs=[1], verbose=False)
     saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
     make_trainer(tmp_path, [prune, saver], max_epochs=2, enable_checkpointing=True).fit(ToyMLP(), toy_loader())
     data = (tmp_path / "last.ckpt").read_bytes()
-    exporter = PruneTrainer(callbacks=[PruneRetrainCallback(quality=0.8, prune_epochs=[1], verbose=False)])
+    exporter = PruneTrainer(
+        callbacks=[PruneRetrainCallback(criterion=Std(quality=0.8), prune_epochs=[1], verbose=False)]
+    )
     reference = _export_outcome(exporter, tmp_path / "last.ckpt", tmp_path / "ref.safetensors")
     rng = random.Random(0)
     outcomes = collections.Counter()

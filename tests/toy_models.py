@@ -196,3 +196,15 @@ class SmallImages(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size)
+
+
+class DriftSGD(torch.optim.SGD):
+    """An optimizer whose step moves every weight, zero gradient or not (like a decay toward a prior)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(0.01)
+        return loss

@@ -1,9 +1,23 @@
-"""Pure-PyTorch core of lightning-prune: selection, criteria, masks, the pruner and reports.
+"""Pure-PyTorch core of lightning-prune: selection, criteria, masks, the pruner, schedule, settings and reports.
 
 Nothing here imports Lightning; it works on any ``nn.Module`` and ``torch.optim.Optimizer``.
 """
 
-from lightning_prune.core.criteria import fraction_mask, global_masks, std_mask, surviving_std
+from lightning_prune.core.criteria import (
+    Criterion,
+    Decision,
+    Fraction,
+    Global,
+    PruneContext,
+    Std,
+    fraction_mask,
+    get_criterion,
+    global_masks,
+    register_criterion,
+    registered_criteria,
+    std_mask,
+    surviving_std,
+)
 from lightning_prune.core.export import (
     SparseFormatError,
     export_sparse,
@@ -12,10 +26,13 @@ from lightning_prune.core.export import (
     sparse_size_report,
     to_sparse_linear,
 )
+from lightning_prune.core.guard import Guard, GuardController, Verdict
 from lightning_prune.core.masks import mask_gradients, mask_weights, zero_optimizer_state
-from lightning_prune.core.pruner import MagnitudePruner, PruningError
+from lightning_prune.core.pruner import Pruner, PruningError
 from lightning_prune.core.report import LayerStats, format_table
+from lightning_prune.core.schedule import Round, Schedule
 from lightning_prune.core.selection import resolve_per_layer, select_layers, select_parameters
+from lightning_prune.core.settings import DropoutAdjustment, Regularization, Retraining, Sensitivity
 from lightning_prune.core.structure import (
     find_dead_units,
     load_shrunk,
@@ -26,20 +43,38 @@ from lightning_prune.core.structure import (
 )
 
 __all__ = [
+    "Criterion",
+    "Decision",
+    "DropoutAdjustment",
+    "Fraction",
+    "Global",
+    "Guard",
+    "GuardController",
     "LayerStats",
-    "MagnitudePruner",
+    "PruneContext",
+    "Pruner",
     "PruningError",
+    "Regularization",
+    "Retraining",
+    "Round",
+    "Schedule",
+    "Sensitivity",
     "SparseFormatError",
+    "Std",
+    "Verdict",
     "export_sparse",
     "find_dead_units",
     "format_table",
     "fraction_mask",
+    "get_criterion",
     "global_masks",
     "load_shrunk",
     "load_sparse",
     "load_sparse_into",
     "mask_gradients",
     "mask_weights",
+    "register_criterion",
+    "registered_criteria",
     "remove_dead_units",
     "resize_to",
     "resolve_per_layer",

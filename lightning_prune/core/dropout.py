@@ -23,6 +23,17 @@ from torch.nn import functional as F  # noqa: N812
 from torch.nn.modules.dropout import _DropoutNd
 from torch.overrides import TorchFunctionMode
 
+__all__ = [
+    "DropoutAdjuster",
+    "ForwardTrace",
+    "LinkSource",
+    "adjusted_rate",
+    "find_dropouts",
+    "layer_counts",
+    "link",
+    "weight_layers",
+]
+
 LinkSource = Literal["explicit", "traced", "static"]
 _FUNCTIONAL_DROPOUT = {
     F.dropout,
@@ -163,7 +174,7 @@ class DropoutAdjuster:
 
     Args:
         model: The network.
-        dropout_map: Explicit ``{dropout_name: layer_name}`` links; they win over traced and static ones.
+        links: Explicit ``{dropout_name: layer_name}`` links; they win over traced and static ones.
 
     Raises:
         ValueError: If a map key is not a dropout module or a value is not a module with weights.
@@ -178,26 +189,26 @@ class DropoutAdjuster:
         0.25
     """
 
-    def __init__(self, model: nn.Module, dropout_map: Mapping[str, str] | None = None):
+    def __init__(self, model: nn.Module, links: Mapping[str, str] | None = None):
         self.model = model
         self.original = find_dropouts(model)
-        self.explicit = dict(dropout_map or {})
+        self.explicit = dict(links or {})
         modules = dict(model.named_modules())
         layers = weight_layers(model)
         for dropout, layer in self.explicit.items():
             if dropout not in modules:
                 raise ValueError(
-                    f"`dropout_map` key {dropout!r} is not a module of the model. Dropout modules: "
+                    f"`dropout.links` key {dropout!r} is not a module of the model. Dropout modules: "
                     f"{sorted(self.original) or 'none'}."
                 )
             if dropout not in self.original:
                 raise ValueError(
-                    f"`dropout_map` key {dropout!r} is a {type(modules[dropout]).__name__}, not a dropout module. "
+                    f"`dropout.links` key {dropout!r} is a {type(modules[dropout]).__name__}, not a dropout module. "
                     f"Dropout modules: {sorted(self.original) or 'none'}."
                 )
             if layer not in layers:
                 raise ValueError(
-                    f"`dropout_map[{dropout!r}]` = {layer!r} is not a module with weights. Accepted: {layers}."
+                    f"`dropout.links[{dropout!r}]` = {layer!r} is not a module with weights. Accepted: {layers}."
                 )
         self.links: dict[str, list[str]] = {}
         self.source: LinkSource = "static"

@@ -19,7 +19,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
-from lightning_prune.core.selection import _preview
+from lightning_prune.core.validation import preview
+
+__all__ = ["Freezer", "trainable_parameters"]
 
 
 def _check_patterns(model: nn.Module, train_only: Sequence[str]) -> list[str]:
@@ -41,7 +43,7 @@ def _check_patterns(model: nn.Module, train_only: Sequence[str]) -> list[str]:
         if not any(fnmatchcase(name, pattern) for name in names):
             raise ValueError(
                 f"Pattern {pattern!r} in `train_only` matches no module. Modules it could match: "
-                f"{_preview([n for n in names if n]) or 'none'}."
+                f"{preview([n for n in names if n]) or 'none'}."
             )
     return patterns
 
@@ -71,7 +73,7 @@ def _trainable(model: nn.Module, train_only: Sequence[str], also_trainable: set[
     if not names:
         hits = [n for n, p in named if id(p) in covered]
         why = (
-            f"they cover {len(hits)} parameter(s) ({_preview(hits)}), none of which requires grad"
+            f"they cover {len(hits)} parameter(s) ({preview(hits)}), none of which requires grad"
             if hits
             else "they cover no parameter (only parameter-free modules)"
         )
@@ -172,7 +174,7 @@ class Freezer:
         lazy = [n for n, p in to_freeze if is_lazy(p)]
         if lazy:
             raise ValueError(
-                f"Parameter(s) {_preview(lazy)} to be frozen are not initialized yet (lazy modules). Run a forward "
+                f"Parameter(s) {preview(lazy)} to be frozen are not initialized yet (lazy modules). Run a forward "
                 f"pass before freezing."
             )
         self.thaw()

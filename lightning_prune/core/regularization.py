@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+__all__ = ["add_l1_gradient", "groups_holding", "params_without_optimizer", "restore_weight_decay", "set_weight_decay"]
+
 
 def _check_non_negative(value: float, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+__all__ = ["LayerStats", "format_table"]
+
 
 @dataclass(frozen=True)
 class LayerStats:

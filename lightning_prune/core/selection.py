@@ -11,6 +11,10 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
+from lightning_prune.core.validation import check_patterns, preview
+
+__all__ = ["DEFAULT_LAYER_TYPES", "resolve_per_layer", "select_layers", "select_parameters"]
+
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
     nn.Conv1d,
@@ -28,11 +32,6 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
         if weight is not None and weight.dim() >= 2:
             found[name] = module
     return found
-
-
-def _preview(names: Sequence[str], limit: int = 12) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def select_layers(model: nn.Module, layers: Sequence[str] | None = None) -> list[str]:
@@ -58,15 +57,14 @@ def select_layers(model: nn.Module, layers: Sequence[str] | None = None) -> list
         >>> select_layers(net, ["2"])
         ['2']
     """
-    if isinstance(layers, str) or (layers is not None and not layers):
-        raise ValueError(f"`layers` must be None or a non-empty list of glob patterns, got {layers!r}.")
+    layers = check_patterns(layers, "layers")
     candidates = _candidates(model)
     if layers is None:
         selected = [n for n, m in candidates.items() if isinstance(m, DEFAULT_LAYER_TYPES)]
         if not selected:
             raise ValueError(
                 f"The model has no Linear or Conv1d/2d/3d layer to prune. Pass `layers` as glob patterns "
-                f"over module names; modules with prunable weights: {_preview(list(candidates)) or 'none'}."
+                f"over module names; modules with prunable weights: {preview(list(candidates)) or 'none'}."
             )
         return selected
     chosen: set[str] = set()
@@ -76,7 +74,7 @@ def select_layers(model: nn.Module, layers: Sequence[str] | None = None) -> list
             raise ValueError(
                 f"Pattern {pattern!r} in `layers` matches no module with a prunable weight "
                 f"(a `weight` of two or more dimensions). Modules it could match: "
-                f"{_preview(list(candidates)) or 'none'}."
+                f"{preview(list(candidates)) or 'none'}."
             )
         chosen.update(hits)
     return [n for n in candidates if n in chosen]
@@ -138,7 +136,7 @@ def resolve_per_layer(value: float | Mapping[str, float], layers: Sequence[str],
     unused = [p for p in value if not any(fnmatchcase(layer, p) for layer in layers)]
     if unused:
         raise ValueError(
-            f"Pattern {unused[0]!r} in `{name}` matches none of the pruned layers: {_preview(list(layers))}."
+            f"Pattern {unused[0]!r} in `{name}` matches none of the pruned layers: {preview(list(layers))}."
         )
     resolved = {}
     for layer in layers:
@@ -148,7 +146,7 @@ def resolve_per_layer(value: float | Mapping[str, float], layers: Sequence[str],
         pattern = next((p for p in value if fnmatchcase(layer, p)), None)
         if pattern is None:
             raise ValueError(
-                f"Layer {layer!r} matches no pattern in `{name}` ({_preview(list(value))}). "
+                f"Layer {layer!r} matches no pattern in `{name}` ({preview(list(value))}). "
                 f'Add it, or a default entry "*".'
             )
         resolved[layer] = float(value[pattern])

@@ -39,6 +39,33 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+__all__ = [
+    "COLS",
+    "FILES",
+    "IMAGE_MAGIC",
+    "LABEL_MAGIC",
+    "MD5",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "OFFLINE_HELP",
+    "PUREML_STORE",
+    "ROWS",
+    "TEST_LABEL_COUNTS",
+    "TRAIN_LABEL_COUNTS",
+    "MNISTDataError",
+    "MNISTDataModule",
+    "check_idx_file",
+    "check_raw_folder",
+    "file_md5",
+    "find_pureml_store",
+    "idx_header",
+    "load_split",
+    "materialize",
+    "raw_folder",
+    "read_pureml_arrays",
+    "write_raw_folder",
+]
+
 MNIST_MEAN: float = 0.1307
 """Mean pixel value of the MNIST training images, scaled to ``[0, 1]``."""
 MNIST_STD: float = 0.3081

@@ -10,7 +10,6 @@ Layers are named attributes, so pruning patterns can name them: ``fc1, fc2, fc3`
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -18,6 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_prune.core.validation import check_choice, check_fraction, check_int, check_number
+
+__all__ = ["LR_SCHEDULES", "OPTIMIZERS", "LRSchedule", "LeNet5", "LeNet300100", "MNISTClassifier", "Optimizer"]
 
 Optimizer = Literal["sgd", "adam"]
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
@@ -28,7 +31,8 @@ LR_SCHEDULES: tuple[str, ...] = ("none", "cosine", "step")
 class MNISTClassifier(pl.LightningModule):
     """Shared training logic of the LeNets: cross-entropy, accuracy metrics, optimizer and LR schedule.
 
-    Subclasses define the layers and :meth:`forward`, and call ``self.save_hyperparameters()``.
+    Subclasses create their layers in :meth:`build` and define :meth:`forward`; the constructor (and
+    so the command line's ``--model.init_args``) is this one, its arguments saved as hyperparameters.
 
     Args:
         lr: Learning rate.
@@ -53,24 +57,15 @@ class MNISTClassifier(pl.LightningModule):
         dropout: float = 0.0,
     ):
         super().__init__()
-        for name, value, positive in (
-            ("lr", lr, True),
-            ("momentum", momentum, False),
-            ("weight_decay", weight_decay, False),
-        ):
-            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-            if not ok or value < 0 or (positive and value == 0):
-                raise ValueError(f"`{name}` must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}.")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}.")
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"`lr_schedule` must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
-        if max_epochs_hint is not None and (
-            isinstance(max_epochs_hint, bool) or not isinstance(max_epochs_hint, int) or max_epochs_hint < 1
-        ):
-            raise ValueError(f"`max_epochs_hint` must be None or an integer >= 1, got {max_epochs_hint!r}.")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        check_number(lr, "lr", positive=True)
+        check_number(momentum, "momentum")
+        check_number(weight_decay, "weight_decay")
+        check_choice(optimizer, "optimizer", OPTIMIZERS)
+        check_choice(lr_schedule, "lr_schedule", LR_SCHEDULES)
+        check_int(max_epochs_hint, "max_epochs_hint", minimum=1, optional=True)
+        if check_fraction(dropout, "dropout") == 1.0:
             raise ValueError(f"`dropout` must be a number in [0, 1), got {dropout!r}.")
+        self.save_hyperparameters()
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
@@ -82,6 +77,11 @@ class MNISTClassifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
+        self.build(self.dropout)
+
+    def build(self, dropout: float) -> None:
+        """Create the network's layers (called last by the constructor)."""
+        raise NotImplementedError(f"{type(self).__name__} must define build(dropout).")
 
     def _step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch
@@ -153,16 +153,8 @@ class LeNet300100(MNISTClassifier):
     """LeNet-300-100: fully connected 784-300-100-10 with ReLU (266,610 parameters).
 
     ``fc1 -> ReLU -> drop1 -> fc2 -> ReLU -> drop2 -> fc3``; the dropout modules are always present
-    (rate ``dropout``, 0 by default) so every configuration has the same module names.
-
-    Args:
-        lr: Learning rate.
-        momentum: SGD momentum.
-        weight_decay: L2 penalty.
-        optimizer: ``"sgd"`` or ``"adam"``.
-        lr_schedule: ``"none"``, ``"cosine"`` or ``"step"`` (see :class:`MNISTClassifier`).
-        max_epochs_hint: Run length for the schedule when the trainer has no ``max_epochs``.
-        dropout: Rate of ``drop1`` (before ``fc2``) and ``drop2`` (before ``fc3``).
+    (rate ``dropout``, 0 by default) so every configuration has the same module names. Arguments: see
+    :class:`MNISTClassifier` (``dropout`` is the rate of ``drop1`` and ``drop2``).
 
     Example::
 
@@ -173,18 +165,8 @@ class LeNet300100(MNISTClassifier):
         torch.Size([2, 10])
     """
 
-    def __init__(
-        self,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        optimizer: Optimizer = "sgd",
-        lr_schedule: LRSchedule = "none",
-        max_epochs_hint: int | None = None,
-        dropout: float = 0.0,
-    ):
-        super().__init__(lr, momentum, weight_decay, optimizer, lr_schedule, max_epochs_hint, dropout)
-        self.save_hyperparameters()
+    def build(self, dropout: float) -> None:
+        """``fc1``, ``drop1``, ``fc2``, ``drop2``, ``fc3``."""
         self.fc1 = nn.Linear(28 * 28, 300)
         self.drop1 = nn.Dropout(dropout)
         self.fc2 = nn.Linear(300, 100)
@@ -204,16 +186,8 @@ class LeNet5(MNISTClassifier):
 
     ``conv1`` (20 5x5) -> max-pool 2x2 -> ``conv2`` (50 5x5) -> max-pool 2x2 -> flatten (800) ->
     ``fc1`` (500) -> ReLU -> ``drop1`` -> ``fc2`` (10). As in Caffe, the convolutions have no
-    activation after them. ``drop1`` is always present (rate ``dropout``, 0 by default).
-
-    Args:
-        lr: Learning rate.
-        momentum: SGD momentum.
-        weight_decay: L2 penalty.
-        optimizer: ``"sgd"`` or ``"adam"``.
-        lr_schedule: ``"none"``, ``"cosine"`` or ``"step"`` (see :class:`MNISTClassifier`).
-        max_epochs_hint: Run length for the schedule when the trainer has no ``max_epochs``.
-        dropout: Rate of ``drop1`` (before ``fc2``).
+    activation after them. ``drop1`` is always present (rate ``dropout``, 0 by default). Arguments:
+    see :class:`MNISTClassifier`.
 
     Example::
 
@@ -224,18 +198,8 @@ class LeNet5(MNISTClassifier):
         torch.Size([2, 10])
     """
 
-    def __init__(
-        self,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        optimizer: Optimizer = "sgd",
-        lr_schedule: LRSchedule = "none",
-        max_epochs_hint: int | None = None,
-        dropout: float = 0.0,
-    ):
-        super().__init__(lr, momentum, weight_decay, optimizer, lr_schedule, max_epochs_hint, dropout)
-        self.save_hyperparameters()
+    def build(self, dropout: float) -> None:
+        """``conv1``, ``conv2``, ``fc1``, ``drop1``, ``fc2``."""
         self.conv1 = nn.Conv2d(1, 20, kernel_size=5)
         self.conv2 = nn.Conv2d(20, 50, kernel_size=5)
         self.fc1 = nn.Linear(50 * 4 * 4, 500)

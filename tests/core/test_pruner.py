@@ -1,4 +1,3 @@
-import contextlib
 import inspect
 import io
 import math
@@ -8,9 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from toy_models import DriftSGD
 
-from lightning_prune.core.criteria import surviving_std
-from lightning_prune.core.pruner import MagnitudePruner, PruningError, check_fraction, check_quality
+from lightning_prune.core.criteria import Fraction, Global, Std, surviving_std
+from lightning_prune.core.pruner import Pruner, PruningError
 from lightning_prune.core.report import LayerStats
 
 WEIGHTS = ["0.weight", "2.weight", "4.weight"]
@@ -31,7 +31,7 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[k], b[k]), k
 
 
-def pruner_state(pruner: MagnitudePruner) -> dict:
+def pruner_state(pruner: Pruner) -> dict:
     return {
         "masks": {k: v.clone() for k, v in pruner.masks.items()},
         "dense_std": dict(pruner.dense_std),
@@ -47,7 +47,7 @@ def assert_same_pruner_state(a: dict, b: dict) -> None:
     assert a["rules"] == b["rules"]
 
 
-def assert_pruned_are_zero(pruner: MagnitudePruner) -> None:
+def assert_pruned_are_zero(pruner: Pruner) -> None:
     for name, keep in pruner.masks.items():
         assert (pruner.parameter(name).detach()[~keep] == 0).all(), name
 
@@ -69,7 +69,7 @@ def train_steps(net: nn.Module, optimizer: torch.optim.Optimizer, n: int, seed: 
 
 def test_construction_selects_weights_and_starts_dense():
     net = make_net()
-    pruner = MagnitudePruner(net)
+    pruner = Pruner(net)
     assert pruner.layer_of == {"0.weight": "0", "2.weight": "2", "4.weight": "4"}
     assert pruner.layers == ["0", "2", "4"]
     assert pruner.masks == {} and pruner.thresholds == {} and pruner.dense_std == {}
@@ -83,19 +83,19 @@ def test_construction_selects_weights_and_starts_dense():
 
 
 def test_construction_with_layers_and_bias():
-    pruner = MagnitudePruner(make_net(), ["2", "4"], include_bias=True)
+    pruner = Pruner(make_net(), ["2", "4"], include_bias=True)
     assert list(pruner.layer_of) == ["2.weight", "2.bias", "4.weight", "4.bias"]
     assert pruner.layers == ["2", "4"]
 
 
 def test_construction_rejects_unknown_pattern():
     with pytest.raises(ValueError, match="Pattern 'fc' in `layers` matches no module"):
-        MagnitudePruner(make_net(), ["fc"])
+        Pruner(make_net(), ["fc"])
 
 
 def test_stats_and_sparsity_after_prune():
-    pruner = MagnitudePruner(make_net(), include_bias=True)
-    returned = pruner.prune("fraction", amount=0.5)
+    pruner = Pruner(make_net(), include_bias=True)
+    returned = pruner.prune("fraction", 0.5)
     stats = pruner.stats()
     assert returned == stats
     assert all(isinstance(s, LayerStats) for s in stats)
@@ -119,8 +119,8 @@ def test_stats_and_sparsity_after_prune():
 def test_prune_std_dense():
     net = make_net()
     before = snapshot(net)
-    pruner = MagnitudePruner(net)
-    stats = pruner.prune("std", quality=0.8)
+    pruner = Pruner(net)
+    stats = pruner.prune("std", 0.8)
     for name in WEIGHTS:
         w0 = before[name]
         std = float(w0.std())
@@ -141,8 +141,8 @@ def test_prune_std_dense():
 def test_prune_std_quality_mapping():
     net = make_net()
     before = snapshot(net)
-    pruner = MagnitudePruner(net)
-    pruner.prune("std", quality={"4": 0.0, "0": 1.5, "*": 0.5})
+    pruner = Pruner(net)
+    pruner.prune("std", {"4": 0.0, "0": 1.5, "*": 0.5})
     assert pruner.rules == {"0.weight": "1.50 x std", "2.weight": "0.50 x std", "4.weight": "0.00 x std"}
     for name, q in zip(WEIGHTS, (1.5, 0.5, 0.0), strict=True):
         assert pruner.thresholds[name] == pytest.approx(q * float(before[name].std()))
@@ -152,8 +152,8 @@ def test_prune_std_quality_mapping():
 def test_prune_fraction():
     net = make_net()
     before = snapshot(net)
-    pruner = MagnitudePruner(net)
-    pruner.prune("fraction", amount=0.3)
+    pruner = Pruner(net)
+    pruner.prune("fraction", 0.3)
     for name in WEIGHTS:
         keep, w0 = pruner.masks[name], before[name]
         assert keep.numel() - int(keep.sum()) == round(0.3 * keep.numel())
@@ -164,16 +164,16 @@ def test_prune_fraction():
 
 
 def test_prune_fraction_amount_mapping():
-    pruner = MagnitudePruner(make_net())
-    pruner.prune("fraction", amount={"0": 0.25, "*": 0.75})
+    pruner = Pruner(make_net())
+    pruner.prune("fraction", {"0": 0.25, "*": 0.75})
     assert [int((~pruner.masks[n]).sum()) for n in WEIGHTS] == [32, 144, 36]
 
 
 def test_prune_global():
     net = make_net()
     before = snapshot(net)
-    pruner = MagnitudePruner(net)
-    pruner.prune("global", amount=0.6)
+    pruner = Pruner(net)
+    pruner.prune("global", 0.6)
     total = sum(before[n].numel() for n in WEIGHTS)
     pruned = sum(int((~pruner.masks[n]).sum()) for n in WEIGHTS)
     assert pruned == round(0.6 * total)
@@ -187,8 +187,8 @@ def test_prune_global():
 
 
 def test_global_masks_are_independent_tensors():
-    pruner = MagnitudePruner(make_net())
-    pruner.prune("global", amount=0.5)
+    pruner = Pruner(make_net())
+    pruner.prune("global", 0.5)
     m0, m2 = pruner.masks["0.weight"], pruner.masks["2.weight"]
     before = m2.clone()
     m0.fill_(False)
@@ -198,8 +198,8 @@ def test_global_masks_are_independent_tensors():
 def test_prune_layers_subset():
     net = make_net()
     before = snapshot(net)
-    pruner = MagnitudePruner(net, include_bias=True)
-    stats = pruner.prune("fraction", amount=0.5, layers=["2"])
+    pruner = Pruner(net, include_bias=True)
+    stats = pruner.prune("fraction", 0.5, layers=["2"])
     assert set(pruner.masks) == {"2.weight", "2.bias"}
     for name in ("0.weight", "0.bias", "4.weight", "4.bias"):
         assert torch.equal(pruner.parameter(name).detach(), before[name])
@@ -207,15 +207,15 @@ def test_prune_layers_subset():
     assert by_name["0.weight"].remaining == 128 and by_name["0.weight"].threshold is None
     assert by_name["2.weight"].remaining == 96
     # a later prune of another subset leaves the first alone
-    pruner.prune("std", quality=0.5, layers=["4", "0"])
+    pruner.prune("std", 0.5, layers=["4", "0"])
     assert set(pruner.masks) == {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"}
     assert pruner.rules["2.weight"] == "50.0% of layer"
     assert pruner.rules["4.weight"] == "0.50 x std"
 
 
 def test_prune_layers_subset_with_global():
-    pruner = MagnitudePruner(make_net())
-    pruner.prune("global", amount=0.5, layers=["0", "4"])
+    pruner = Pruner(make_net())
+    pruner.prune("global", 0.5, layers=["0", "4"])
     assert set(pruner.masks) == {"0.weight", "4.weight"}
     assert sum(int((~pruner.masks[n]).sum()) for n in ("0.weight", "4.weight")) == round(0.5 * (128 + 48))
 
@@ -223,9 +223,9 @@ def test_prune_layers_subset_with_global():
 def test_check_returns_values_without_pruning():
     net = make_net()
     before = snapshot(net)
-    pruner = MagnitudePruner(net)
-    assert pruner.check("std", quality={"0": 0.5, "*": 1.0}) == {"0.weight": 0.5, "2.weight": 1.0, "4.weight": 1.0}
-    assert pruner.check("fraction", amount=0.2, layers=["4"]) == {"4.weight": 0.2}
+    pruner = Pruner(net)
+    assert pruner.check("std", {"0": 0.5, "*": 1.0}) == {"0.weight": 0.5, "2.weight": 1.0, "4.weight": 1.0}
+    assert pruner.check("fraction", 0.2, layers=["4"]) == {"4.weight": 0.2}
     assert pruner.masks == {}
     assert_same_tensors(snapshot(net), before)
 
@@ -238,12 +238,12 @@ def test_check_returns_values_without_pruning():
 def test_std_of_dense_caches_first_std():
     net = make_net()
     before = snapshot(net)
-    pruner = MagnitudePruner(net)
-    pruner.prune("std", quality=0.7)
+    pruner = Pruner(net)
+    pruner.prune("std", 0.7)
     first = pruner_state(pruner)
-    pruner.prune("std", quality=0.7)
+    pruner.prune("std", 0.7)
     assert_same_pruner_state(pruner_state(pruner), first)  # same threshold, same masks
-    pruner.prune("std", quality=1.0)
+    pruner.prune("std", 1.0)
     for name in WEIGHTS:
         dense = float(before[name].std())
         assert pruner.dense_std[name] == pytest.approx(dense)
@@ -253,12 +253,12 @@ def test_std_of_dense_caches_first_std():
 
 def test_std_of_surviving_threshold_climbs():
     net = make_net()
-    pruner = MagnitudePruner(net)
-    pruner.prune("std", quality=0.7, std_of="surviving")
+    pruner = Pruner(net)
+    pruner.prune(Std(quality=0.7, std_of="surviving"))
     first = pruner_state(pruner)
     assert pruner.rules["0.weight"] == "0.70 x std (surviving)"
     expected = {name: 0.7 * surviving_std(pruner.parameter(name), first["masks"][name]) for name in WEIGHTS}
-    pruner.prune("std", quality=0.7, std_of="surviving")
+    pruner.prune(Std(quality=0.7, std_of="surviving"))
     for name in WEIGHTS:
         assert pruner.thresholds[name] == pytest.approx(expected[name])
         assert pruner.thresholds[name] > first["thresholds"][name]
@@ -269,32 +269,32 @@ def test_std_of_surviving_threshold_climbs():
 def test_dense_std_cached_by_a_fraction_prune():
     net = make_net()
     before = snapshot(net)
-    pruner = MagnitudePruner(net)
-    pruner.prune("fraction", amount=0.5)
-    pruner.prune("std", quality=1.0)
+    pruner = Pruner(net)
+    pruner.prune("fraction", 0.5)
+    pruner.prune("std", 1.0)
     for name in WEIGHTS:
         assert pruner.thresholds[name] == pytest.approx(float(before[name].std()))
 
 
 def test_masks_never_revive_after_weights_regrow():
     net = make_net()
-    pruner = MagnitudePruner(net)
-    pruner.prune("fraction", amount=0.5)
+    pruner = Pruner(net)
+    pruner.prune("fraction", 0.5)
     first = pruner_state(pruner)
     with torch.no_grad():
         for name in WEIGHTS:
             pruner.parameter(name).fill_(10.0)  # pruned entries now have the largest magnitudes
-    pruner.prune("fraction", amount=0.5)
-    pruner.prune("std", quality=0.0)
-    pruner.prune("global", amount=0.1)
+    pruner.prune("fraction", 0.5)
+    pruner.prune("std", 0.0)
+    pruner.prune("global", 0.1)
     assert_same_tensors(pruner.masks, first["masks"])
     assert_pruned_are_zero(pruner)
 
 
 prune_op = st.one_of(
-    st.tuples(st.just("std"), st.floats(0.0, 2.5), st.sampled_from(["dense", "surviving"])),
-    st.tuples(st.just("fraction"), st.floats(0.0, 1.0), st.just("dense")),
-    st.tuples(st.just("global"), st.floats(0.0, 1.0), st.just("dense")),
+    st.builds(Std, st.floats(0.0, 2.5), st.sampled_from(["dense", "surviving"])),
+    st.builds(Fraction, st.floats(0.0, 1.0)),
+    st.builds(Global, st.floats(0.0, 1.0)),
 )
 
 
@@ -304,16 +304,15 @@ prune_op = st.one_of(
 @settings(max_examples=30, deadline=None)
 def test_masks_only_shrink_property(ops):
     net = make_net()
-    pruner = MagnitudePruner(net, include_bias=True)
-    for (criterion, value, std_of), min_remaining, seed in ops:
+    pruner = Pruner(net, include_bias=True)
+    for criterion, min_remaining, seed in ops:
         with torch.no_grad():  # "training": every weight moves, pruned ones included
             g = torch.Generator().manual_seed(seed)
             for p in net.parameters():
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
         previous = pruner_state(pruner)
-        kwargs = {"quality": value} if criterion == "std" else {"amount": value}
         try:
-            pruner.prune(criterion, std_of=std_of, min_remaining=min_remaining, **kwargs)
+            pruner.prune(criterion, min_remaining=min_remaining)
         except PruningError:
             assert min_remaining is None
             assert_same_pruner_state(pruner_state(pruner), previous)
@@ -338,90 +337,104 @@ def test_masks_only_shrink_property(ops):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+CRITERION_ERROR = (
+    r"`criterion` must be a registered name \(fraction, global, std\) or the dotted path of a Criterion subclass, "
+    r"got 'l1'"
+)
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("args", "kwargs", "match"),
     [
-        ({"quality": -0.1}, r"`quality` must be a finite number >= 0, got -0\.1"),
-        ({"quality": float("nan")}, r"`quality` must be a finite number >= 0, got nan"),
-        ({"quality": float("inf")}, r"`quality` must be a finite number >= 0, got inf"),
-        ({"quality": True}, r"`quality` must be a finite number >= 0, got True"),
-        ({"quality": "1.0"}, r"`quality` must be a finite number >= 0"),
-        ({"quality": {"0": -1.0, "*": 1.0}}, r"`quality\['0'\]` must be a finite number >= 0, got -1\.0"),
-        ({"quality": {"*": False}}, r"`quality\['\*'\]` must be a finite number"),
-        ({"quality": {"0": 1.0}}, r"Layer '2' matches no pattern in `quality`"),
-        ({"quality": {"fc*": 1.0, "*": 1.0}}, r"Pattern 'fc\*' in `quality` matches none of the pruned layers"),
-        ({"criterion": "l1"}, r"`criterion` must be one of \('std', 'fraction', 'global'\), got 'l1'"),
-        ({"std_of": "mean"}, r"`std_of` must be one of \('dense', 'surviving'\), got 'mean'"),
-        ({"criterion": "fraction"}, r"criterion='fraction' needs `amount`"),
-        ({"criterion": "global"}, r"criterion='global' needs `amount`"),
-        ({"criterion": "fraction", "amount": -0.01}, r"`amount` must be a number in \[0, 1\]"),
-        ({"criterion": "fraction", "amount": 1.5}, r"`amount` must be a number in \[0, 1\], got 1\.5"),
-        ({"criterion": "fraction", "amount": float("nan")}, r"must be a number in \[0, 1\], got nan"),
-        ({"criterion": "global", "amount": 2.0}, r"`amount` must be a number in \[0, 1\]"),
-        ({"criterion": "fraction", "amount": {"4": 1.1, "*": 0.5}}, r"`amount\['4'\]` must be a number"),
-        ({"criterion": "global", "amount": {"*": 0.5}}, r"criterion='global' takes one `amount` for all layers"),
-        ({"min_remaining": -0.1}, r"`min_remaining` must be a number in \[0, 1\], got -0\.1"),
-        ({"min_remaining": 1.01}, r"`min_remaining` must be a number in \[0, 1\], got 1\.01"),
-        ({"min_remaining": float("nan")}, r"`min_remaining` must be a number in \[0, 1\]"),
-        ({"min_remaining": True}, r"`min_remaining` must be a number in \[0, 1\], got True"),
-        ({"layers": ["nope"]}, r"Pattern 'nope' in `layers` matches no module"),
+        (("std", -0.1), {}, r"`quality` must be a finite number >= 0, got -0\.1"),
+        (("std", float("nan")), {}, r"`quality` must be a finite number >= 0, got nan"),
+        (("std", float("inf")), {}, r"`quality` must be a finite number >= 0, got inf"),
+        (("std", True), {}, r"`quality` must be a finite number >= 0, got True"),
+        (("std", "1.0"), {}, r"Cannot read a quality file '1\.0': suffix must be one of"),  # a string is a file
+        (("std", {"0": -1.0, "*": 1.0}), {}, r"`quality\['0'\]` must be a finite number >= 0, got -1\.0"),
+        (("std", {"*": False}), {}, r"`quality\['\*'\]` must be a finite number"),
+        (("std", {}), {}, r"`quality` is an empty mapping"),
+        (("std", {"0": 1.0}), {}, r"Layer '2' matches no pattern in `quality`"),
+        (("std", {"fc*": 1.0, "*": 1.0}), {}, r"Pattern 'fc\*' in `quality` matches none of the pruned layers"),
+        (("l1",), {}, CRITERION_ERROR),
+        ((), {"criterion": "l1"}, CRITERION_ERROR),
+        ((42,), {}, r"`criterion` must be a registered name .*, or a Criterion object, got 42"),
+        (("fraction",), {}, r"Fraction\(amount=None\) has no `amount`: give it one, e\.g\. Fraction\(amount=0\.5\)"),
+        (("global",), {}, r"Criterion Global\(amount=None\) has no `amount`"),
+        ((Fraction(),), {}, r"Criterion Fraction\(amount=None\) has no `amount`"),
+        (("fraction", -0.01), {}, r"`amount` must be a number in \[0, 1\]"),
+        (("fraction", 1.5), {}, r"`amount` must be a number in \[0, 1\], got 1\.5"),
+        (("fraction", float("nan")), {}, r"must be a number in \[0, 1\], got nan"),
+        (("global", 2.0), {}, r"`amount` must be a number in \[0, 1\]"),
+        (("fraction", {"4": 1.1, "*": 0.5}), {}, r"`amount\['4'\]` must be a number"),
+        (("global", {"*": 0.5}), {}, r"Criterion 'global' takes one `amount` for all layers, not a mapping"),
+        ((), {"min_remaining": -0.1}, r"`min_remaining` must be a number in \[0, 1\] or None, got -0\.1"),
+        ((), {"min_remaining": 1.01}, r"`min_remaining` must be a number in \[0, 1\] or None, got 1\.01"),
+        ((), {"min_remaining": float("nan")}, r"`min_remaining` must be a number in \[0, 1\]"),
+        ((), {"min_remaining": True}, r"`min_remaining` must be a number in \[0, 1\] or None, got True"),
+        ((), {"layers": ["nope"]}, r"Pattern 'nope' in `layers` matches no module"),
+        (
+            (),
+            {"layers": "0"},
+            r"`layers` must be None or a non-empty list of glob patterns, got '0' \(a string: wrap it in a list\)\.",
+        ),
     ],
 )
-def test_prune_validation_errors_change_nothing(kwargs, match):
+def test_prune_validation_errors_change_nothing(args, kwargs, match):
     net = make_net()
-    pruner = MagnitudePruner(net)
-    pruner.prune("fraction", amount=0.2)
+    pruner = Pruner(net)
+    pruner.prune("fraction", 0.2)
     model_before, state_before = snapshot(net), pruner_state(pruner)
     with pytest.raises(ValueError, match=match):
-        pruner.prune(**kwargs)
+        pruner.prune(*args, **kwargs)
     with pytest.raises(ValueError, match=match):
-        pruner.check(**kwargs)
+        pruner.check(*args, **kwargs)
     assert_same_tensors(snapshot(net), model_before)
     assert_same_pruner_state(pruner_state(pruner), state_before)
 
 
+def test_std_of_is_validated_by_the_criterion():
+    with pytest.raises(ValueError, match=r"`std_of` must be one of \('dense', 'surviving'\), got 'mean'"):
+        Std(quality=1.0, std_of="mean")  # type: ignore[arg-type]
+
+
 def test_prune_layers_outside_pruned_layers():
     net = make_net()
-    pruner = MagnitudePruner(net, ["0", "2"])
+    pruner = Pruner(net, ["0", "2"])
     with pytest.raises(ValueError, match=r"Layer '4' is not among the pruned layers: \['0', '2'\]"):
-        pruner.prune("fraction", amount=0.5, layers=["4"])
+        pruner.prune("fraction", 0.5, layers=["4"])
     with pytest.raises(ValueError, match=r"Layer '4' is not among the pruned layers"):
-        pruner.prune("fraction", amount=0.5, layers=["*"])
+        pruner.prune("fraction", 0.5, layers=["*"])
     assert pruner.masks == {}
 
 
-@pytest.mark.parametrize("amount", [True, False, "0.5"])
-def test_amount_must_be_a_number_not_bool_or_str(amount):
-    # check_fraction rejects bools and strings, but resolve_per_layer converts with float() before it runs.
+@pytest.mark.parametrize(
+    ("amount", "match"),
+    [(True, r"`amount` must be a number in \[0, 1\], got True"), (False, r"`amount` .* got False"),
+     ("0.5", r"Cannot read a quality file '0\.5'")],
+)  # fmt: skip
+def test_amount_must_be_a_number_not_bool_or_str(amount, match):
+    # check_fraction rejects bools and strings, but resolve_per_layer converts with float() before it runs;
+    # a string is the path of a levels file.
     net = make_net()
     before = snapshot(net)
-    pruner = MagnitudePruner(net)
-    with pytest.raises(ValueError, match="amount"):
-        pruner.prune("fraction", amount=amount)
+    pruner = Pruner(net)
+    with pytest.raises(ValueError, match=match):
+        pruner.prune("fraction", amount)
     assert pruner.masks == {}
     assert_same_tensors(snapshot(net), before)
 
 
 def test_empty_layers_subset_is_rejected_or_a_noop():
-    # `layers=[]` selects nothing: either a ValueError or a no-op, never a StopIteration escaping.
+    # `layers=[]` selects nothing: a ValueError, never a StopIteration escaping.
     net = make_net()
     before = snapshot(net)
-    pruner = MagnitudePruner(net)
+    pruner = Pruner(net)
     for criterion in ("global", "fraction", "std"):
-        with contextlib.suppress(ValueError):
-            pruner.prune(criterion, amount=0.5, layers=[])
+        with pytest.raises(ValueError, match=r"`layers` must be None or a non-empty list of glob patterns, got \[\]"):
+            pruner.prune(criterion, 0.5, layers=[])
     assert pruner.masks == {}
     assert_same_tensors(snapshot(net), before)
-
-
-def test_check_fraction_and_check_quality_helpers():
-    assert check_fraction(0, "x") == 0.0 and isinstance(check_fraction(1, "x"), float)
-    with pytest.raises(ValueError, match=r"`x` must be a number in \[0, 1\], got None"):
-        check_fraction(None, "x")  # type: ignore[arg-type]
-    check_quality(0)
-    check_quality({"a": 0.0, "*": 3})
-    with pytest.raises(ValueError, match=r"`quality` must be a finite number >= 0, got -inf"):
-        check_quality(float("-inf"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -432,13 +445,13 @@ def test_check_fraction_and_check_quality_helpers():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_weights_raise_and_change_nothing(bad):
     net = make_net()
-    pruner = MagnitudePruner(net)
-    pruner.prune("std", quality=0.3)
+    pruner = Pruner(net)
+    pruner.prune("std", 0.3)
     with torch.no_grad():
         net[2].weight[0, 0] = bad
     model_before, state_before = snapshot(net), pruner_state(pruner)
     with pytest.raises(PruningError, match=r"Parameter '2.weight' holds NaN or inf values"):
-        pruner.prune("std", quality=0.5)
+        pruner.prune("std", 0.5)
     state_after = snapshot(net)
     assert state_after.keys() == model_before.keys()
     for k in model_before:
@@ -451,22 +464,23 @@ def test_pruning_error_is_runtime_error():
 
 
 @pytest.mark.parametrize(
-    ("criterion", "kwargs", "layer"),
+    ("criterion", "level", "layer"),
     [
-        ("std", {"quality": 1e6}, "0.weight"),
-        ("std", {"quality": {"4": 1e6, "*": 0.5}}, "4.weight"),  # earlier layers fine, the last one emptied
-        ("fraction", {"amount": 1.0}, "0.weight"),
-        ("fraction", {"amount": {"2": 1.0, "*": 0.9}}, "2.weight"),
-        ("global", {"amount": 1.0}, "0.weight"),
+        ("std", 1e6, "0.weight"),
+        ("std", {"4": 1e6, "*": 0.5}, "4.weight"),  # earlier layers fine, the last one emptied
+        ("fraction", 1.0, "0.weight"),
+        ("fraction", {"2": 1.0, "*": 0.9}, "2.weight"),
+        ("global", 1.0, "0.weight"),
+        (Std(quality=1e6), None, "0.weight"),
     ],
 )
-def test_emptying_a_layer_raises_and_changes_nothing(criterion, kwargs, layer):
+def test_emptying_a_layer_raises_and_changes_nothing(criterion, level, layer):
     net = make_net()
-    pruner = MagnitudePruner(net)
-    pruner.prune("std", quality=0.2)
+    pruner = Pruner(net)
+    pruner.prune("std", 0.2)
     model_before, state_before = snapshot(net), pruner_state(pruner)
     with pytest.raises(PruningError, match=rf"would remove every connection of '{layer}'.*min_remaining"):
-        pruner.prune(criterion, **kwargs)
+        pruner.prune(criterion, level)
     assert_same_tensors(snapshot(net), model_before)
     assert_same_pruner_state(pruner_state(pruner), state_before)
 
@@ -474,9 +488,9 @@ def test_emptying_a_layer_raises_and_changes_nothing(criterion, kwargs, layer):
 def test_emptying_first_prune_leaves_model_dense():
     net = make_net()
     before = snapshot(net)
-    pruner = MagnitudePruner(net)
+    pruner = Pruner(net)
     with pytest.raises(PruningError):
-        pruner.prune("std", quality={"4": 1e6, "*": 0.5})
+        pruner.prune("std", {"4": 1e6, "*": 0.5})
     assert pruner.masks == {} and pruner.dense_std == {} and pruner.thresholds == {} and pruner.rules == {}
     assert_same_tensors(snapshot(net), before)
 
@@ -485,8 +499,8 @@ def test_emptying_first_prune_leaves_model_dense():
 def test_min_remaining_floor_avoids_error(min_remaining, expected):
     net = make_net()
     before = snapshot(net)
-    pruner = MagnitudePruner(net)
-    stats = pruner.prune("std", quality=1e6, min_remaining=min_remaining)
+    pruner = Pruner(net)
+    stats = pruner.prune("std", 1e6, min_remaining=min_remaining)
     assert [s.remaining for s in stats] == expected
     for name, n in zip(WEIGHTS, expected, strict=True):
         keep, w0 = pruner.masks[name], before[name]
@@ -496,18 +510,18 @@ def test_min_remaining_floor_avoids_error(min_remaining, expected):
 
 
 def test_min_remaining_floor_with_fraction_and_global():
-    pruner = MagnitudePruner(make_net())
-    pruner.prune("fraction", amount=1.0, min_remaining=0.0)
+    pruner = Pruner(make_net())
+    pruner.prune("fraction", 1.0, min_remaining=0.0)
     assert [int(pruner.masks[n].sum()) for n in WEIGHTS] == [1, 1, 1]
-    pruner = MagnitudePruner(make_net())
-    pruner.prune("global", amount=1.0, min_remaining=0.25)
+    pruner = Pruner(make_net())
+    pruner.prune("global", 1.0, min_remaining=0.25)
     assert [int(pruner.masks[n].sum()) for n in WEIGHTS] == [32, 48, 12]
 
 
 def test_min_remaining_does_not_widen_a_prune_that_keeps_enough():
-    a, b = MagnitudePruner(make_net()), MagnitudePruner(make_net())
-    a.prune("fraction", amount=0.5)
-    b.prune("fraction", amount=0.5, min_remaining=0.3)
+    a, b = Pruner(make_net()), Pruner(make_net())
+    a.prune("fraction", 0.5)
+    b.prune("fraction", 0.5, min_remaining=0.3)
     assert_same_tensors(a.masks, b.masks)
 
 
@@ -540,18 +554,6 @@ OPTIMIZERS = {
 }
 
 
-class DriftSGD(torch.optim.SGD):
-    """An optimizer whose step moves every weight, zero gradient or not (like a decay toward a prior)."""
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = super().step(closure)
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.add_(0.01)
-        return loss
-
-
 def assert_state_zero_at_pruned(pruner, optimizer, keys):
     for name, keep in pruner.masks.items():
         state = optimizer.state[pruner.parameter(name)]
@@ -565,10 +567,10 @@ def test_attach_keeps_pruned_weights_and_state_at_zero_during_training(opt_name)
     make, keys = OPTIMIZERS[opt_name]
     net = make_net()
     optimizer = make(net.parameters())
-    pruner = MagnitudePruner(net, include_bias=True)
+    pruner = Pruner(net, include_bias=True)
     pruner.attach(optimizer)
     train_steps(net, optimizer, 2, seed=1)  # optimizer state exists before the prune
-    pruner.prune("fraction", amount=0.6)
+    pruner.prune("fraction", 0.6)
     assert_state_zero_at_pruned(pruner, optimizer, keys)  # zeroed by the prune itself
     after_prune = snapshot(net)
     train_steps(net, optimizer, 5, seed=2)
@@ -576,7 +578,7 @@ def test_attach_keeps_pruned_weights_and_state_at_zero_during_training(opt_name)
     assert_state_zero_at_pruned(pruner, optimizer, keys)
     for name, keep in pruner.masks.items():
         assert not torch.equal(pruner.parameter(name).detach()[keep], after_prune[name][keep])  # survivors train
-    pruner.prune("fraction", amount=0.8)  # a second round with attached state
+    pruner.prune("fraction", 0.8)  # a second round with attached state
     train_steps(net, optimizer, 3, seed=3)
     assert_pruned_are_zero(pruner)
     assert_state_zero_at_pruned(pruner, optimizer, keys)
@@ -587,8 +589,8 @@ def test_attach_after_prune_zeroes_existing_state():
     net = make_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     train_steps(net, optimizer, 2)
-    pruner = MagnitudePruner(net)
-    pruner.prune("fraction", amount=0.5)
+    pruner = Pruner(net)
+    pruner.prune("fraction", 0.5)
     buf = optimizer.state[net[0].weight]["momentum_buffer"]
     keep = pruner.masks["0.weight"]
     assert (buf[~keep] != 0).any()  # not attached: the prune does not know this optimizer
@@ -602,8 +604,8 @@ def test_attach_after_prune_zeroes_existing_state():
 def test_attach_masks_gradients_before_the_step():
     net = make_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
-    pruner = MagnitudePruner(net)
-    pruner.prune("fraction", amount=0.5)
+    pruner = Pruner(net)
+    pruner.prune("fraction", 0.5)
     pruner.attach(optimizer)
     seen = {}
 
@@ -626,9 +628,9 @@ def _half_pruned_sgd():
     """A net at 50% per layer, its SGD with momentum attached, and a seeded generator for batches."""
     net = make_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    pruner = MagnitudePruner(net)
+    pruner = Pruner(net)
     pruner.attach(optimizer)
-    pruner.prune("fraction", amount=0.5)
+    pruner.prune("fraction", 0.5)
     return net, optimizer, pruner, torch.Generator().manual_seed(0)
 
 
@@ -654,8 +656,8 @@ def test_an_earlier_mask_gradients_call_does_not_disarm_the_step_hook():
     # step never came) must still be masked when the attached optimizer steps.
     net = make_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    pruner = MagnitudePruner(net)
-    pruner.prune("fraction", amount=0.5)
+    pruner = Pruner(net)
+    pruner.prune("fraction", 0.5)
     pruner.mask_gradients(optimizer)
     pruner.attach(optimizer)
     train_steps(net, optimizer, 1)
@@ -664,8 +666,8 @@ def test_an_earlier_mask_gradients_call_does_not_disarm_the_step_hook():
 
 def test_mask_gradients_without_optimizer_masks_every_pruned_grad():
     net = make_net()
-    pruner = MagnitudePruner(net)
-    pruner.prune("fraction", amount=0.5)
+    pruner = Pruner(net)
+    pruner.prune("fraction", 0.5)
     net(torch.randn(4, 8)).pow(2).sum().backward()
     biases = {n: p.grad.clone() for n, p in net.named_parameters() if n.endswith("bias")}
     pruner.mask_gradients()
@@ -696,8 +698,8 @@ def _twin_steps(opt_name, where, value, closure, clip):
     net, twin = make_net(), make_net()
     optimizer = NON_FINITE_OPTIMIZERS[opt_name](net.parameters())
     twin_optimizer = NON_FINITE_OPTIMIZERS[opt_name](twin.parameters())
-    pruner = MagnitudePruner(net)
-    pruner.prune("fraction", amount=0.5)
+    pruner = Pruner(net)
+    pruner.prune("fraction", 0.5)
     pruner.attach(optimizer)
     with torch.no_grad():
         twin.load_state_dict(net.state_dict())
@@ -743,11 +745,11 @@ def test_non_finite_gradients_leave_pruned_weights_and_state_at_exactly_zero(opt
 
 
 def test_after_an_early_mask_the_step_masks_again_only_if_a_pruned_gradient_changed(monkeypatch):
-    import lightning_prune.core.pruner as pruner_module
+    import lightning_prune.core.enforcement as enforcement_module
 
     calls = []
-    real = pruner_module.mask_gradients
-    monkeypatch.setattr(pruner_module, "mask_gradients", lambda pairs: (calls.append(1), real(pairs)))
+    real = enforcement_module.mask_gradients
+    monkeypatch.setattr(enforcement_module, "mask_gradients", lambda pairs: (calls.append(1), real(pairs)))
     net, optimizer, pruner, g = _half_pruned_sgd()
     for noisy in (False, True, False, True):
         calls.clear()
@@ -767,9 +769,9 @@ def test_after_an_early_mask_the_step_masks_again_only_if_a_pruned_gradient_chan
 def test_attach_re_masks_weights_for_an_optimizer_that_moves_zero_gradient_weights():
     net = make_net()
     optimizer = DriftSGD(net.parameters(), lr=0.05, momentum=0.9)
-    pruner = MagnitudePruner(net)
+    pruner = Pruner(net)
     pruner.attach(optimizer)
-    pruner.prune("global", amount=0.5)
+    pruner.prune("global", 0.5)
     train_steps(net, optimizer, 3)
     assert_pruned_are_zero(pruner)
     assert_state_zero_at_pruned(pruner, optimizer, ("momentum_buffer",))
@@ -778,15 +780,15 @@ def test_attach_re_masks_weights_for_an_optimizer_that_moves_zero_gradient_weigh
     assert all((pruner.parameter(n).detach()[~k] != 0).any() for n, k in pruner.masks.items())
 
 
-HAS_REMASK = "remask" in inspect.signature(MagnitudePruner.attach).parameters
+HAS_REMASK = "remask" in inspect.signature(Pruner.attach).parameters
 
 
 @pytest.mark.skipif(not HAS_REMASK, reason="attach() has no `remask` option")
 def test_remask_always_re_masks_weights_written_outside_the_optimizer():
     net = make_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
-    pruner = MagnitudePruner(net)
-    pruner.prune("fraction", amount=0.5)
+    pruner = Pruner(net)
+    pruner.prune("fraction", 0.5)
     pruner.attach(optimizer, remask="always")
     with torch.no_grad():
         for name, keep in pruner.masks.items():
@@ -799,10 +801,10 @@ def test_remask_always_re_masks_weights_written_outside_the_optimizer():
 def test_remask_rejects_unknown_value():
     net = make_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
-    pruner = MagnitudePruner(net)
+    pruner = Pruner(net)
     with pytest.raises(ValueError, match=r"`remask` must be 'auto' or 'always', got 'never'"):
         pruner.attach(optimizer, remask="never")
-    pruner.prune("fraction", amount=0.5)
+    pruner.prune("fraction", 0.5)
     pruner.detach()
     train_steps(net, optimizer, 1)  # the failed attach left no hook behind
     assert any((pruner.parameter(n).detach()[~k] != 0).any() for n, k in pruner.masks.items())
@@ -811,10 +813,10 @@ def test_remask_rejects_unknown_value():
 def test_detach_removes_hooks():
     net = make_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    pruner = MagnitudePruner(net)
+    pruner = Pruner(net)
     pruner.attach(optimizer)
     pruner.attach(optimizer)  # idempotent: no second pair of hooks to leak past detach
-    pruner.prune("fraction", amount=0.5)
+    pruner.prune("fraction", 0.5)
     train_steps(net, optimizer, 1)
     assert_pruned_are_zero(pruner)
     pruner.detach()
@@ -828,11 +830,11 @@ def test_detach_removes_hooks():
 def test_detach_then_prune_does_not_touch_detached_optimizer_state():
     net = make_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    pruner = MagnitudePruner(net)
+    pruner = Pruner(net)
     pruner.attach(optimizer)
     train_steps(net, optimizer, 2)
     pruner.detach()
-    pruner.prune("fraction", amount=0.5)
+    pruner.prune("fraction", 0.5)
     keep = pruner.masks["0.weight"]
     assert (optimizer.state[net[0].weight]["momentum_buffer"][~keep] != 0).any()
 
@@ -841,8 +843,8 @@ def test_hooks_only_mask_parameters_of_their_optimizer():
     net = make_net()
     opt_a = torch.optim.SGD(net[0].parameters(), lr=0.1)
     opt_b = torch.optim.SGD([*net[2].parameters(), *net[4].parameters()], lr=0.1)
-    pruner = MagnitudePruner(net)
-    pruner.prune("fraction", amount=0.5)
+    pruner = Pruner(net)
+    pruner.prune("fraction", 0.5)
     pruner.attach(opt_a)
     opt_a.zero_grad()
     net(torch.randn(4, 8)).pow(2).sum().backward()
@@ -861,9 +863,9 @@ def test_hooks_only_mask_parameters_of_their_optimizer():
 
 
 def test_state_dict_contents():
-    pruner = MagnitudePruner(make_net())
+    pruner = Pruner(make_net())
     assert pruner.state_dict() == {"masks": {}, "dense_std": {}, "thresholds": {}, "rules": {}}
-    pruner.prune("std", quality=0.5, layers=["0", "4"])
+    pruner.prune("std", 0.5, layers=["0", "4"])
     state = pruner.state_dict()
     assert set(state["masks"]) == {"0.weight", "4.weight"}
     assert all(m.dtype == torch.bool and m.device.type == "cpu" for m in state["masks"].values())
@@ -873,9 +875,9 @@ def test_state_dict_contents():
 
 def test_state_dict_round_trip_through_torch_save_weights_only():
     net = make_net(0)
-    pruner = MagnitudePruner(net)
-    pruner.prune("std", quality={"0": 0.5, "*": 1.0})
-    pruner.prune("fraction", amount=0.7, layers=["2"])
+    pruner = Pruner(net)
+    pruner.prune("std", {"0": 0.5, "*": 1.0})
+    pruner.prune("fraction", 0.7, layers=["2"])
     buffer = io.BytesIO()
     torch.save(pruner.state_dict(), buffer)
     buffer.seek(0)
@@ -883,7 +885,7 @@ def test_state_dict_round_trip_through_torch_save_weights_only():
 
     fresh = make_net(1)  # same architecture, other (dense) weights
     fresh_before = snapshot(fresh)
-    other = MagnitudePruner(fresh)
+    other = Pruner(fresh)
     other.load_state_dict(loaded)
     assert_same_tensors(other.masks, pruner.masks)
     assert other.dense_std == pruner.dense_std
@@ -901,18 +903,18 @@ def test_state_dict_round_trip_through_torch_save_weights_only():
     loaded["masks"]["0.weight"].fill_(False)
     assert other.masks["0.weight"].any()
     # the cached dense std carries over: a later dense prune uses the saved std
-    other.prune("std", quality=1.0, layers=["4"])
+    other.prune("std", 1.0, layers=["4"])
     assert other.thresholds["4.weight"] == pytest.approx(pruner.dense_std["4.weight"])
 
 
 def test_load_state_dict_zeroes_attached_optimizer_state():
     net = make_net()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    other = MagnitudePruner(net)
+    other = Pruner(net)
     other.attach(optimizer)
     train_steps(net, optimizer, 2)
-    source = MagnitudePruner(make_net(3))
-    source.prune("fraction", amount=0.5)
+    source = Pruner(make_net(3))
+    source.prune("fraction", 0.5)
     other.load_state_dict(source.state_dict())
     assert_state_zero_at_pruned(other, optimizer, ("exp_avg", "exp_avg_sq"))
     train_steps(net, optimizer, 2)
@@ -920,10 +922,10 @@ def test_load_state_dict_zeroes_attached_optimizer_state():
 
 
 def test_load_state_dict_replaces_previous_masks():
-    pruner = MagnitudePruner(make_net())
-    pruner.prune("fraction", amount=0.9)
-    source = MagnitudePruner(make_net())
-    source.prune("fraction", amount=0.1, layers=["2"])
+    pruner = Pruner(make_net())
+    pruner.prune("fraction", 0.9)
+    source = Pruner(make_net())
+    source.prune("fraction", 0.1, layers=["2"])
     pruner.load_state_dict(source.state_dict())
     assert set(pruner.masks) == {"2.weight"}
     assert int((~pruner.masks["2.weight"]).sum()) == round(0.1 * 192)
@@ -932,16 +934,19 @@ def test_load_state_dict_replaces_previous_masks():
 @pytest.mark.parametrize(
     ("masks", "match"),
     [
-        ({"6.weight": torch.ones(4, 12, dtype=torch.bool)}, r"saved masks include '6.weight', which is not among"),
-        ({"0.bias": torch.ones(16, dtype=torch.bool)}, r"saved masks include '0.bias'"),
+        (
+            {"6.weight": torch.ones(4, 12, dtype=torch.bool)},
+            r"masks include '6.weight', which is not among",
+        ),
+        ({"0.bias": torch.ones(16, dtype=torch.bool)}, r"The masks include '0.bias'.*other `layers`"),
         ({"2.weight": torch.ones(16, 12, dtype=torch.bool)}, r"'2.weight' has shape \(16, 12\).*shape \(12, 16\)"),
         ({"2.weight": torch.ones(12, 16)}, r"dtype torch.float32.*a bool mask is expected"),
     ],
 )
 def test_load_state_dict_errors_change_nothing(masks, match):
     net = make_net()
-    pruner = MagnitudePruner(net)
-    pruner.prune("fraction", amount=0.4)
+    pruner = Pruner(net)
+    pruner.prune("fraction", 0.4)
     model_before, state_before = snapshot(net), pruner_state(pruner)
     good = {"0.weight": torch.zeros(16, 8, dtype=torch.bool)}  # would empty layer 0 if it were applied
     with pytest.raises(ValueError, match=match):
@@ -957,8 +962,8 @@ def test_load_state_dict_errors_change_nothing(masks, match):
 
 def test_apply_rezeroes_pruned_weights():
     net = make_net()
-    pruner = MagnitudePruner(net)
-    pruner.prune("fraction", amount=0.5)
+    pruner = Pruner(net)
+    pruner.prune("fraction", 0.5)
     kept = {n: pruner.parameter(n).detach()[k].clone() for n, k in pruner.masks.items()}
     with torch.no_grad():
         for p in net.parameters():
@@ -971,8 +976,8 @@ def test_apply_rezeroes_pruned_weights():
 
 def test_refresh_rebuilds_caches_after_parameters_are_replaced():
     net = make_net()
-    pruner = MagnitudePruner(net)
-    pruner.prune("fraction", amount=0.5)
+    pruner = Pruner(net)
+    pruner.prune("fraction", 0.5)
     pruner.apply()  # caches (parameter, multiplier) pairs
     net[2].weight = nn.Parameter(torch.ones(12, 16))
     pruner.refresh()
@@ -983,8 +988,8 @@ def test_refresh_rebuilds_caches_after_parameters_are_replaced():
 
 
 def test_refresh_keeps_masks_on_parameter_device():
-    pruner = MagnitudePruner(make_net())
-    pruner.prune("fraction", amount=0.5)
+    pruner = Pruner(make_net())
+    pruner.prune("fraction", 0.5)
     before = pruner_state(pruner)
     pruner.refresh()
     assert_same_pruner_state(pruner_state(pruner), before)
@@ -994,8 +999,8 @@ def test_refresh_keeps_masks_on_parameter_device():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_refresh_moves_masks_with_the_model_to_gpu():
     net = make_net()
-    pruner = MagnitudePruner(net)
-    pruner.prune("fraction", amount=0.5)
+    pruner = Pruner(net)
+    pruner.prune("fraction", 0.5)
     cpu_masks = {n: m.clone() for n, m in pruner.masks.items()}
     net.cuda()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
@@ -1010,6 +1015,74 @@ def test_refresh_moves_masks_with_the_model_to_gpu():
     state = pruner.state_dict()
     assert all(m.device.type == "cpu" for m in state["masks"].values())
     assert_same_tensors(state["masks"], cpu_masks)
-    pruner.prune("global", amount=0.7)
+    pruner.prune("global", 0.7)
     assert_pruned_are_zero(pruner)
     assert all(m.device.type == "cuda" for m in pruner.masks.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# selected, counts, set_masks, the enforcer
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_selected_and_counts():
+    net = make_net()
+    pruner = Pruner(net, ["2", "4"], include_bias=True)
+    assert list(pruner.selected()) == ["2.weight", "2.bias", "4.weight", "4.bias"]
+    assert pruner.selected()["2.weight"] is net[2].weight
+    assert pruner.counts() == (192 + 12 + 48 + 4, 192 + 12 + 48 + 4)
+    pruner.prune("fraction", 0.5)
+    assert pruner.counts() == (96 + 6 + 24 + 2, 256)
+    assert pruner.sparsity() == pytest.approx(128 / 256)
+
+
+def test_set_masks_applies_copies_and_zeroes_optimizer_state():
+    net = make_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    pruner = Pruner(net)
+    pruner.attach(optimizer)
+    train_steps(net, optimizer, 2)
+    keep = torch.rand(12, 16, generator=torch.Generator().manual_seed(0)) > 0.5
+    pruner.set_masks({"2.weight": keep})
+    assert set(pruner.masks) == {"2.weight"} and torch.equal(pruner.masks["2.weight"], keep)
+    assert pruner.masks["2.weight"] is not keep
+    keep.fill_(False)  # the pruner holds its own copy
+    assert pruner.masks["2.weight"].any()
+    assert (net[2].weight.detach()[~pruner.masks["2.weight"]] == 0).all()
+    assert (optimizer.state[net[2].weight]["momentum_buffer"][~pruner.masks["2.weight"]] == 0).all()
+    train_steps(net, optimizer, 2)
+    assert_pruned_are_zero(pruner)
+
+
+@pytest.mark.parametrize(
+    ("masks", "match"),
+    [
+        ({"0.bias": torch.ones(16, dtype=torch.bool)}, r"The masks include '0.bias', which is not among the pruned"),
+        ({"2.weight": torch.ones(16, 12, dtype=torch.bool)}, r"has shape \(16, 12\) and dtype torch.bool; the param"),
+        ({"2.weight": torch.ones(12, 16, dtype=torch.uint8)}, r"dtype torch.uint8.*a bool mask is expected"),
+    ],
+)
+def test_set_masks_refusals_change_nothing(masks, match):
+    net = make_net()
+    pruner = Pruner(net)
+    pruner.prune("fraction", 0.3)
+    model_before, state_before = snapshot(net), pruner_state(pruner)
+    with pytest.raises(ValueError, match=match):
+        pruner.set_masks({"0.weight": torch.zeros(16, 8, dtype=torch.bool), **masks})
+    assert_same_tensors(snapshot(net), model_before)
+    assert_same_pruner_state(pruner_state(pruner), state_before)
+
+
+def test_pruner_shares_its_masks_with_its_enforcer():
+    net = make_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    pruner = Pruner(net)
+    pruner.attach(optimizer)
+    assert pruner.enforcer.masks is pruner.masks
+    assert pruner.enforcer.optimizers == [optimizer]
+    assert pruner.enforcer.pairs(optimizer) == []  # nothing pruned yet
+    pruner.prune("fraction", 0.5, layers=["0", "4"])
+    pairs = pruner.enforcer.pairs(optimizer)
+    assert [p for p, _ in pairs] == [net[0].weight, net[4].weight]  # the cache was invalidated by the prune
+    pruner.detach()
+    assert pruner.enforcer.optimizers == []

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_prune import MagnitudePruner
+from lightning_prune import Pruner
 from lightning_prune.core.dropout import link
 from lightning_prune.zoo import LeNet5, LeNet300100
 
@@ -55,9 +55,9 @@ def test_module_names_and_types() -> None:
 
 
 def test_pruning_patterns_select_layers_by_name() -> None:
-    assert MagnitudePruner(LeNet5(), ["conv*"]).layers == ["conv1", "conv2"]
-    assert MagnitudePruner(LeNet5(), ["fc*"]).layers == ["fc1", "fc2"]
-    assert MagnitudePruner(LeNet300100()).layers == ["fc1", "fc2", "fc3"]
+    assert Pruner(LeNet5(), ["conv*"]).layers == ["conv1", "conv2"]
+    assert Pruner(LeNet5(), ["fc*"]).layers == ["fc1", "fc2"]
+    assert Pruner(LeNet300100()).layers == ["fc1", "fc2", "fc3"]
 
 
 def test_dropout_placement() -> None:
@@ -118,7 +118,7 @@ def test_hyperparameters_are_saved() -> None:
         ({"optimizer": "rmsprop"}, r"`optimizer` must be one of \('sgd', 'adam'\), got 'rmsprop'"),
         ({"lr_schedule": "linear"}, r"`lr_schedule` must be one of \('none', 'cosine', 'step'\), got 'linear'"),
         ({"dropout": 1.0}, r"`dropout` must be a number in \[0, 1\), got 1.0"),
-        ({"max_epochs_hint": 0}, "`max_epochs_hint` must be None or an integer >= 1, got 0"),
+        ({"max_epochs_hint": 0}, "`max_epochs_hint` must be an integer >= 1 or None, got 0"),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:

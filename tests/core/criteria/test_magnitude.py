@@ -4,8 +4,24 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
-from lightning_prune.core.criteria import floor_mask, fraction_mask, global_masks, std_mask, surviving_std
+from lightning_prune.core.criteria import (
+    STD_OF,
+    Criterion,
+    Decision,
+    Fraction,
+    Global,
+    PruneContext,
+    Std,
+    floor_mask,
+    fraction_mask,
+    get_criterion,
+    global_masks,
+    std_mask,
+    surviving_std,
+)
+from lightning_prune.core.pruner import Pruner, PruningError
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -339,3 +355,223 @@ def test_floor_mask_property(wk, threshold, min_remaining):
     if prior is not None:
         assert not (out & ~prior).any()
     _assert_kept_dominate(weight, out, prior)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the criterion classes: settings, levels, select
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _context(weights, dense_std=None):
+    return PruneContext(dense_std=dense_std or {n: surviving_std(w) for n, w in weights.items()},
+                        layer_of={n: n.rpartition(".")[0] for n in weights})  # fmt: skip
+
+
+def test_class_attributes_of_the_built_ins():
+    assert (Std.name, Std.level_name, Std.per_layer) == ("std", "quality", True)
+    assert (Fraction.name, Fraction.level_name, Fraction.per_layer) == ("fraction", "amount", True)
+    assert (Global.name, Global.level_name, Global.per_layer) == ("global", "amount", False)
+    assert Std.sweep_levels[0] == 0.25 and Std.sweep_levels[-1] == 2.5
+    assert all(0 <= x <= 1 for x in Fraction.sweep_levels)
+    assert Global.sweep_levels == ()
+    assert STD_OF == ("dense", "surviving")
+    assert all(issubclass(cls, Criterion) for cls in (Std, Fraction, Global))
+
+
+def test_defaults_and_describe():
+    assert Std().level == 1.0 and Std().std_of == "dense" and Std().min_remaining is None
+    assert Fraction().level is None and Global().level is None
+    assert Std().describe() == "Std(quality=1.0, std_of='dense')"
+    assert repr(Std(quality=0.5, std_of="surviving")) == "Std(quality=0.5, std_of='surviving')"
+    assert Fraction(amount=0.9, min_remaining=0.1).describe() == "Fraction(amount=0.9, min_remaining=0.1)"
+    assert repr(Global(0.5)) == "Global(amount=0.5)"
+
+
+def test_levels_are_checked_and_stored_as_floats():
+    assert Std(quality=1).level == 1.0 and isinstance(Std(quality=1).level, float)
+    assert Std(quality={"conv*": 0.5, "*": 2}).level == {"conv*": 0.5, "*": 2.0}
+    assert Fraction(amount={"fc1": 1, "*": 0}).level == {"fc1": 1.0, "*": 0.0}
+    assert Global(amount=0).level == 0.0 and Global(amount=1).level == 1.0
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: Std(quality=-1.0), r"`quality` must be a finite number >= 0, got -1\.0"),
+        (lambda: Std(quality=float("inf")), r"`quality` must be a finite number >= 0, got inf"),
+        (lambda: Std(quality={"fc1": float("nan")}), r"`quality\['fc1'\]` must be a finite number >= 0, got nan"),
+        (lambda: Std(std_of="mean"), r"`std_of` must be one of \('dense', 'surviving'\), got 'mean'"),
+        (lambda: Std(min_remaining=2.0), r"`min_remaining` must be a number in \[0, 1\] or None, got 2\.0"),
+        (lambda: Fraction(amount=1.5), r"`amount` must be a number in \[0, 1\], got 1\.5"),
+        (lambda: Fraction(amount=-0.1), r"`amount` must be a number in \[0, 1\], got -0\.1"),
+        (lambda: Fraction(amount={"*": 1.01}), r"`amount\['\*'\]` must be a number in \[0, 1\], got 1\.01"),
+        (lambda: Fraction(amount=True), r"`amount` must be a number in \[0, 1\], got True"),
+        (lambda: Global(amount=1.5), r"`amount` must be a number in \[0, 1\], got 1\.5"),
+        (lambda: Global(amount={"*": 0.5}), r"Criterion 'global' takes one `amount` for all layers, not a mapping"),
+    ],
+)
+def test_bad_settings_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_global_refuses_a_mapping_in_check_levels_too():
+    with pytest.raises(ValueError, match=r"Criterion 'global' takes one `level` for all layers, not a mapping"):
+        Global(0.5).check_levels({"fc1": 0.5}, "level")
+    assert Global().check_levels(0.25, "level") == 0.25
+
+
+def test_std_select_dense_uses_the_cached_std_of_the_context():
+    w = torch.tensor([0.5, -1.0, 2.0, -4.0])
+    keep = torch.tensor([True, True, True, False])
+    decisions = Std(std_of="dense").select({"a.weight": w}, {"a.weight": keep}, {"a.weight": 1.5}, _context(
+        {"a.weight": w}, {"a.weight": 1.0}))  # fmt: skip
+    decision = decisions["a.weight"]
+    assert isinstance(decision, Decision)
+    assert decision.threshold == 1.5  # 1.5 x the cached 1.0, not the std of the weights
+    assert decision.keep.tolist() == [False, False, True, False]  # -4.0 stays pruned
+    assert decision.rule == "1.50 x std"
+
+
+def test_std_select_surviving_uses_the_std_of_the_alive_weights():
+    w = torch.tensor([0.5, -1.0, 2.0, -4.0])
+    keep = torch.tensor([True, True, True, False])
+    decision = Std(std_of="surviving").select(
+        {"a.weight": w}, {"a.weight": keep}, {"a.weight": 1.0}, _context({"a.weight": w}, {"a.weight": 100.0})
+    )["a.weight"]
+    assert decision.threshold == pytest.approx(surviving_std(w, keep))  # std of 0.5, -1, 2: ~1.5275
+    assert decision.keep.tolist() == [False, False, True, False]
+    assert decision.rule == "1.00 x std (surviving)"
+
+
+def test_std_select_of_a_layer_never_pruned_takes_its_mask_as_all_alive():
+    w = torch.tensor([0.5, -1.0, 2.0, -4.0])
+    decision = Std().select({"a.weight": w}, {"a.weight": None}, {"a.weight": 0.0}, _context({"a.weight": w}))
+    assert decision["a.weight"].keep.all()
+
+
+def test_fraction_select_per_layer_levels():
+    weights = {"a.weight": torch.arange(1.0, 11.0), "b.weight": torch.arange(1.0, 5.0)}
+    decisions = Fraction().select(weights, dict.fromkeys(weights), {"a.weight": 0.3, "b.weight": 0.5},
+                                  _context(weights))  # fmt: skip
+    assert decisions["a.weight"].keep.tolist() == [False] * 3 + [True] * 7
+    assert decisions["a.weight"].threshold == 3.0 and decisions["a.weight"].rule == "30.0% of layer"
+    assert decisions["b.weight"].keep.tolist() == [False, False, True, True]
+    assert decisions["b.weight"].rule == "50.0% of layer"
+
+
+def test_global_select_one_threshold_and_prior_masks():
+    weights = {"a.weight": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b.weight": torch.tensor([5.0, 6.0, 7.0, 8.0])}
+    keeps = {"a.weight": None, "b.weight": torch.tensor([True, True, True, False])}
+    decisions = Global().select(weights, keeps, dict.fromkeys(weights, 0.5), _context(weights))
+    assert decisions["a.weight"].keep.tolist() == [False, False, False, True]
+    assert decisions["b.weight"].keep.tolist() == [True, True, True, False]
+    assert {d.threshold for d in decisions.values()} == {3.0}
+    assert {d.rule for d in decisions.values()} == {"50.0% global"}
+
+
+def test_gentler_scales_the_level():
+    assert Std().gentler(1.5, 0.8) == pytest.approx(1.2)
+    assert Fraction().gentler(0.5, 0.5) == 0.25
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the classes through the pruner
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+
+
+WEIGHTS = ["0.weight", "2.weight", "4.weight"]
+
+
+@pytest.mark.parametrize(
+    ("by_object", "by_name"),
+    [
+        (lambda: Std(quality=0.8), ("std", 0.8)),
+        (lambda: Std(quality={"0": 0.5, "*": 1.0}), ("std", {"0": 0.5, "*": 1.0})),
+        (lambda: Fraction(amount=0.3), ("fraction", 0.3)),
+        (lambda: Global(amount=0.6), ("global", 0.6)),
+        (lambda: get_criterion("lightning_prune.Global"), ("global", 0.5)),  # Global(None): level from prune
+    ],
+)
+def test_a_criterion_object_prunes_like_its_name(by_object, by_name):
+    a, b = Pruner(_net()), Pruner(_net())
+    rule = by_object()
+    a.prune(rule, None if rule.level is not None else by_name[1])
+    b.prune(*by_name)
+    for name in WEIGHTS:
+        assert torch.equal(a.masks[name], b.masks[name]), name
+        assert a.thresholds[name] == b.thresholds[name] and a.rules[name] == b.rules[name]
+
+
+def test_the_level_of_prune_overrides_the_criterion_level():
+    a, b = Pruner(_net()), Pruner(_net())
+    a.prune(Fraction(amount=0.9), 0.2)
+    b.prune("fraction", 0.2)
+    assert all(torch.equal(a.masks[n], b.masks[n]) for n in WEIGHTS)
+    assert a.check(Std(quality=2.0), 0.5) == dict.fromkeys(WEIGHTS, 0.5)
+    assert a.check(Std(quality=2.0)) == dict.fromkeys(WEIGHTS, 2.0)
+
+
+def test_std_through_the_pruner_dense_versus_surviving():
+    dense, surviving = Pruner(_net()), Pruner(_net())
+    first_std = {n: float(dense.parameter(n).detach().std()) for n in WEIGHTS}
+    for pruner, rule in ((dense, Std(0.7)), (surviving, Std(0.7, std_of="surviving"))):
+        pruner.prune(rule)
+        pruner.prune(rule)
+    for name in WEIGHTS:
+        assert dense.dense_std[name] == pytest.approx(first_std[name]) == surviving.dense_std[name]
+        assert dense.thresholds[name] == pytest.approx(0.7 * first_std[name])  # the cached dense std
+        keep = surviving.masks[name]
+        assert surviving.thresholds[name] > dense.thresholds[name]  # survivors' std is larger
+        assert int(keep.sum()) < int(dense.masks[name].sum())
+        assert surviving.rules[name] == "0.70 x std (surviving)" and dense.rules[name] == "0.70 x std"
+
+
+def test_std_sees_the_dense_std_cached_in_the_context():
+    seen = []
+
+    class Spy(Std):
+        def select(self, weights, keeps, levels, context):
+            seen.append(dict(context.dense_std))
+            return super().select(weights, keeps, levels, context)
+
+    pruner = Pruner(_net())
+    dense = {n: float(pruner.parameter(n).detach().std()) for n in WEIGHTS}
+    pruner.prune(Spy(0.5))
+    pruner.prune(Spy(0.5), layers=["2"])
+    assert seen[0] == pytest.approx(dense)
+    assert seen[1] == {"2.weight": pruner.dense_std["2.weight"]}  # the cached value, not the survivors' std
+    assert seen[1]["2.weight"] != pytest.approx(surviving_std(pruner.parameter("2.weight"), pruner.masks["2.weight"]))
+
+
+def test_criterion_min_remaining_floors_and_prune_overrides_it():
+    pruner = Pruner(_net())
+    pruner.prune(Std(quality=1e6, min_remaining=0.5))
+    assert [int(pruner.masks[n].sum()) for n in WEIGHTS] == [64, 96, 24]
+    pruner = Pruner(_net())
+    pruner.prune(Std(quality=1e6, min_remaining=0.5), min_remaining=0.25)
+    assert [int(pruner.masks[n].sum()) for n in WEIGHTS] == [32, 48, 12]
+    with pytest.raises(PruningError, match=r"would remove every connection of '0.weight'"):
+        Pruner(_net()).prune(Fraction(amount=1.0))
+
+
+def test_fraction_bounds_through_the_pruner():
+    pruner = Pruner(_net())
+    pruner.prune(Fraction(amount=0.0))
+    assert all(pruner.masks[n].all() for n in WEIGHTS)
+    pruner.prune(Fraction(amount=1.0), min_remaining=0.0)
+    assert [int(pruner.masks[n].sum()) for n in WEIGHTS] == [1, 1, 1]
+    with pytest.raises(ValueError, match=r"`amount` must be a number in \[0, 1\], got 1\.2"):
+        pruner.prune(Fraction(), 1.2)
+
+
+def test_global_through_the_pruner_refuses_a_mapping_level():
+    pruner = Pruner(_net())
+    with pytest.raises(ValueError, match=r"Criterion 'global' takes one `amount` for all layers"):
+        pruner.prune(Global(), {"*": 0.5})
+    assert pruner.masks == {}

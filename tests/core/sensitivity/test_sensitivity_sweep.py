@@ -1,4 +1,4 @@
-"""Sensitivity sweep (pure torch): exact restore, torch.fx suffix path == full forward, choices, files, errors."""
+"""The sweep: exact restore, the torch.fx suffix path equals full forward passes, fallbacks, errors."""
 
 from __future__ import annotations
 
@@ -11,113 +11,32 @@ import warnings
 import pytest
 import torch
 import yaml
+from sensitivity_cases import (
+    LEVELS,
+    BNNet,
+    Dynamic,
+    Skip,
+    assert_untouched,
+    images,
+    make_result,
+    neg_loss,
+    snapshot,
+    vectors,
+)
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from lightning_prune.core import MagnitudePruner
-from lightning_prune.core import sensitivity as sens
-from lightning_prune.core.sensitivity import SensitivityResult, SensitivityRow, load_quality, merge_results, sweep
+from lightning_prune.core import Criterion, Decision, Pruner, Std
+from lightning_prune.core.sensitivity import (
+    SensitivityResult,
+    accuracy,
+    load_quality,
+    merge_results,
+    plot,
+    sweep,
+)
+from lightning_prune.core.sensitivity.split import GraphSplit
 from lightning_prune.zoo import LeNet5, LeNet300100
-
-LEVELS = [0.25, 0.75, 1.5, 2.5]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and much faster on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def images(n: int = 96, batch: int = 32, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 28, 28, generator=gen)
-    y = torch.randint(0, 10, (n,), generator=gen)
-    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
-
-
-def neg_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """A continuous metric: equal values mean (all but) bit-equal outputs."""
-    return -F.cross_entropy(outputs, targets)
-
-
-def snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool], dict[str, bool]]:
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    modes = {n: m.training for n, m in model.named_modules()}
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    return state, modes, grads
-
-
-def assert_untouched(model: nn.Module, before: tuple) -> None:
-    state, modes, grads = before
-    after = model.state_dict()
-    assert after.keys() == state.keys()
-    for key, value in state.items():
-        assert torch.equal(after[key], value), key
-        # bit-identical, -0.0 included
-        assert torch.equal(after[key].view(-1).view(torch.uint8), value.view(-1).view(torch.uint8)), key
-    assert {n: m.training for n, m in model.named_modules()} == modes
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
-    assert all(p.grad is None for p in model.parameters())
-
-
-class Skip(nn.Module):
-    """A residual add from before ``fc1`` to after it, and an in-place write into a value from before it."""
-
-    def __init__(self, in_place: str = ""):
-        super().__init__()
-        self.in_place = in_place
-        self.fc0 = nn.Linear(12, 16)
-        self.fc1 = nn.Linear(16, 16)
-        self.fc2 = nn.Linear(16, 16)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.fc0(x))
-        g = self.fc2(F.relu(self.fc1(h)))
-        if self.in_place == "add_":
-            h.add_(g)  # writes into a cut value of fc1 and fc2
-            return self.head(h)
-        if self.in_place == "view":
-            h.view(-1, 4, 4).mul_(0.5)  # writes through a view of a cut value
-            return self.head(g + h)
-        return self.head(g + h)
-
-
-class BNNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.drop = nn.Dropout(0.5)
-        self.fc = nn.Linear(4 * 26 * 26, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(F.relu(self.bn(self.conv(x))).flatten(1)))
-
-
-class Dynamic(nn.Module):
-    """Data-dependent control flow: torch.fx cannot trace it."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(12, 16)
-        self.fc2 = nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.fc1(x))
-        if h.sum() > 0:
-            h = h * 2
-        return self.fc2(h)
-
-
-def vectors(n: int = 64, batch: int = 16, features: int = 12, seed: int = 0) -> list:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, features, generator=gen)
-    y = torch.randint(0, 3, (n,), generator=gen)
-    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
 
 
 @pytest.mark.parametrize(
@@ -130,7 +49,7 @@ def test_suffix_path_equals_full_forward_and_restores_the_model(make):
     model = make()
     data = images() if isinstance(model, (LeNet5, LeNet300100)) else vectors()
     before = snapshot(model)
-    for metric in (sens.accuracy, neg_loss):
+    for metric in (accuracy, neg_loss):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no fallback warning: these models trace
             cached = sweep(model, data, LEVELS, metric=metric)
@@ -140,18 +59,6 @@ def test_suffix_path_equals_full_forward_and_restores_the_model(make):
         assert_untouched(model, before)
     metrics = [r.metric for r in cached.rows]
     assert len(set(metrics)) > len(metrics) // 2  # the levels change the outputs
-
-
-def test_split_caches_the_skip_connection_and_copies_values_written_in_place():
-    traced = torch.fx.symbolic_trace(Skip().eval())
-    split = sens._Split(traced, {"fc1"})
-    inputs = [n.name for n in split.suffix.graph.nodes if n.op == "placeholder"]
-    assert len(inputs) == 1 and split.clone == []  # h feeds both fc1 and the residual add
-    assert [n.target for n in split.prefix.graph.nodes if n.op == "call_module"] == ["fc0"]
-    split = sens._Split(torch.fx.symbolic_trace(Skip("add_").eval()), {"fc2"})
-    assert len(split.clone) == 1  # h is written into after fc2: copied for each level
-    split = sens._Split(torch.fx.symbolic_trace(Skip("view").eval()), {"fc1"})
-    assert split.clone == [0]
 
 
 def test_only_the_suffix_runs_for_each_level():
@@ -245,13 +152,13 @@ def test_emitted_quality_gives_the_predicted_sparsity_with_the_pruner(tmp_path):
     rows = {(r.layer, r.level): r for r in result.rows}
     for tolerance in (0.0, 0.01, 0.05, 10.0):
         text = result.quality_yaml(tolerance)
-        quality = yaml.safe_load(text)["quality"]
+        quality = yaml.safe_load(text)["criterion"]["init_args"]["quality"]
         assert list(quality) == ["conv1", "conv2", "fc1", "fc2"]
         path = tmp_path / "q.yaml"
         result.write_quality(path, tolerance)
-        assert load_quality(path) == {"quality": quality} == result.quality_config(tolerance)
+        assert load_quality(path) == {"criterion": "std", "quality": quality} == result.quality_config(tolerance)
         pruned = copy.deepcopy(model)
-        stats = MagnitudePruner(pruned).prune(quality=quality)
+        stats = Pruner(pruned).prune(Std(quality=str(path)))  # the file itself, as a user passes it
         for s in stats:
             layer = s.name.removesuffix(".weight")
             expected = rows[(layer, quality[layer])].pruned_share if quality[layer] > 0 else 0.0
@@ -267,46 +174,13 @@ def test_fraction_sweep_amounts_reproduce_with_the_pruner(tmp_path):
     config = result.write_quality(tmp_path / "amount.json", 1.0)
     assert config == {"criterion": "fraction", "amount": {"fc1": 0.9, "fc2": 0.9, "fc3": 0.9}}
     assert json.loads((tmp_path / "amount.json").read_text()) == config
-    assert yaml.safe_load(result.quality_yaml(1.0)) == config
-    stats = MagnitudePruner(model).prune("fraction", amount=config["amount"])
+    snippet = yaml.safe_load(result.quality_yaml(1.0))["criterion"]
+    assert snippet == {
+        "class_path": "lightning_prune.core.criteria.Fraction",
+        "init_args": {"amount": config["amount"]},
+    }
+    stats = Pruner(model).prune("fraction", config["amount"])
     assert [round(1 - s.remaining / s.weights, 6) for s in stats] == [0.9, 0.9, 0.9]
-
-
-def make_result(curves: dict[str, list[tuple[float, float, float]]], baseline: float = 0.9, **kw) -> SensitivityResult:
-    rows = [SensitivityRow(layer, lv, share, m) for layer, pts in curves.items() for lv, share, m in pts]
-    return SensitivityResult(baseline, rows, **kw)
-
-
-def test_choose_is_monotone_relative_and_falls_back_to_zero():
-    result = make_result(
-        {
-            "conv1": [(0.5, 0.4, 0.85), (1.0, 0.7, 0.8)],  # even the smallest level is too much
-            "conv2": [(0.5, 0.4, 0.9), (1.0, 0.7, 0.7), (1.5, 0.85, 0.9)],  # recovers: not chosen
-            "fc1": [(0.5, 0.4, 0.9), (1.0, 0.7, 0.895), (1.5, 0.9, 0.89), (9.0, 1.0, 0.9)],  # 9.0 empties it
-        }
-    )
-    assert result.choose(0.01) == {"conv1": 0.0, "conv2": 0.5, "fc1": 1.5}
-    assert result.choose(0.005) == {"conv1": 0.0, "conv2": 0.5, "fc1": 1.0}
-    assert result.choose(0.1, relative=True) == {"conv1": 0.5, "conv2": 0.5, "fc1": 1.5}
-    assert result.choose(0.1 / 0.9, relative=True)["conv1"] == 1.0
-    text = result.quality_yaml(0.01)
-    assert text.splitlines()[1] == "quality: {conv1: 0.0, conv2: 0.5, fc1: 1.5}"
-    assert yaml.safe_load(text) == {"quality": {"conv1": 0.0, "conv2": 0.5, "fc1": 1.5}}
-    loss = make_result({"fc": [(1.0, 0.5, 0.31), (2.0, 0.9, 0.5)]}, baseline=0.3, higher_is_better=False)
-    assert loss.choose(0.02) == {"fc": 1.0}
-
-
-def test_quality_yaml_of_many_layers_is_written_one_per_line_and_quotes_odd_names():
-    result = make_result({f"features.{i}": [(1.0, 0.5, 0.9)] for i in range(12)} | {"0": [(1.0, 0.5, 0.9)]})
-    text = result.quality_yaml(0.0)
-    assert len(text.splitlines()) == 2 + 13
-    assert yaml.safe_load(text)["quality"] == {**{f"features.{i}": 1.0 for i in range(12)}, "0": 1.0}
-
-
-@pytest.mark.parametrize("tolerance", [-0.01, math.nan, "0.1", True])
-def test_bad_tolerance_is_refused(tolerance):
-    with pytest.raises(ValueError, match=r"`tolerance` must be a number >= 0.*got " + repr(tolerance)[:4]):
-        make_result({"fc": [(1.0, 0.5, 0.9)]}).choose(tolerance)
 
 
 @pytest.mark.parametrize(
@@ -316,12 +190,12 @@ def test_bad_tolerance_is_refused(tolerance):
         ("0.5", "std", "non-empty sequence of numbers, got '0.5'"),
         ([0.5, 0.25], "std", r"strictly increasing, got 0.25 after 0.5 in \[0.5, 0.25\]"),
         ([0.5, 0.5], "std", "strictly increasing, got 0.5 after 0.5"),
-        ([0.5, math.nan], "std", "finite numbers.*got nan"),
-        ([0.5, math.inf], "std", "finite numbers.*got inf"),
-        ([-0.5, 1.0], "std", r"qualities >= 0, got -0.5"),
-        ([0.5, 1.5], "fraction", r"shares pruned in \[0, 1\], got 1.5"),
-        ([True], "std", "finite numbers.*got True"),
-        ([0.5], "global", r"`criterion` must be one of \('std', 'fraction'\).*got 'global'"),
+        ([0.5, math.nan], "std", r"`levels\[1\]` must be a finite number >= 0, got nan"),
+        ([0.5, math.inf], "std", r"`levels\[1\]` must be a finite number >= 0, got inf"),
+        ([-0.5, 1.0], "std", r"`levels\[0\]` must be a finite number >= 0, got -0.5"),
+        ([0.5, 1.5], "fraction", r"`levels\[1\]` must be a number in \[0, 1\], got 1.5"),
+        ([True], "std", r"`levels\[0\]` must be a finite number >= 0, got True"),
+        ([0.5], "global", r"prunes one layer at a time; criterion Global\(amount=None\) has one level for all layers"),
     ],
 )
 def test_bad_levels_are_refused_before_any_evaluation(levels, criterion, match):
@@ -329,7 +203,7 @@ def test_bad_levels_are_refused_before_any_evaluation(levels, criterion, match):
 
     def metric(outputs, targets):
         calls.append(1)
-        return sens.accuracy(outputs, targets)
+        return accuracy(outputs, targets)
 
     model = nn.Sequential(nn.Linear(12, 3))
     with pytest.raises(ValueError, match=match):
@@ -408,17 +282,8 @@ def test_files_table_and_progress(tmp_path):
     result.plot(tmp_path / "fig.png")
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
     fc_only = sweep(nn.Sequential(nn.Linear(12, 3)), vectors(), [1.0])
-    sens.plot(fc_only, tmp_path / "fc.png")
+    plot(fc_only, tmp_path / "fc.png")
     assert (tmp_path / "fc.png").stat().st_size > 0
-
-
-def test_load_quality_refuses_bad_files(tmp_path):
-    (tmp_path / "q.yaml").write_text("quality: {fc1: -1}\n")
-    with pytest.raises(ValueError, match=r"`quality\['fc1'\]` must be a finite number >= 0, got -1"):
-        load_quality(tmp_path / "q.yaml")
-    (tmp_path / "q.json").write_text('{"qualty": {"fc1": 1}}')
-    with pytest.raises(ValueError, match=r"keys among \('quality', 'criterion', 'amount'\)"):
-        load_quality(tmp_path / "q.json")
 
 
 def test_a_failing_split_or_suffix_falls_back_for_that_layer_with_one_warning(monkeypatch):
@@ -426,22 +291,63 @@ def test_a_failing_split_or_suffix_falls_back_for_that_layer_with_one_warning(mo
     model = LeNet5()
     data = images(n=32)
     expected = sweep(model, data, LEVELS, metric=neg_loss, cache_bytes=0)
-    original = sens._Split.__init__
+    original = GraphSplit.__init__
 
     def broken_split(self, traced, owners):
         if "conv2" in owners:
             raise RuntimeError("cannot split here")
         original(self, traced, owners)
 
-    monkeypatch.setattr(sens._Split, "__init__", broken_split)
+    monkeypatch.setattr(GraphSplit, "__init__", broken_split)
     with pytest.warns(UserWarning, match=r"failed for 1 layer\(s\) \(first: conv2: RuntimeError: cannot split here"):
         assert sweep(model, data, LEVELS, metric=neg_loss).rows == expected.rows
-    monkeypatch.setattr(sens._Split, "__init__", original)
+    monkeypatch.setattr(GraphSplit, "__init__", original)
 
     def broken_run(self, values):
         raise RuntimeError("suffix broke")
 
-    monkeypatch.setattr(sens._Split, "run", broken_run)
+    monkeypatch.setattr(GraphSplit, "run", broken_run)
     with pytest.warns(UserWarning, match=r"failed for 4 layer\(s\).*suffix broke") as caught:
         assert sweep(model, data, LEVELS, metric=neg_loss).rows == expected.rows
     assert len(caught) == 1
+
+
+class KeepLargest(Criterion):
+    """A criterion of one's own: keep the ``count`` largest weights of each layer."""
+
+    name = "keep_largest_sweep_test"
+    level_name = "count"
+    sweep_levels = (10.0, 100.0)
+
+    def __init__(self, count=None, min_remaining=None):
+        super().__init__(count, min_remaining)
+
+    def select(self, weights, keeps, levels, context):
+        out = {}
+        for name, weight in weights.items():
+            keep = torch.zeros(weight.numel(), dtype=torch.bool)
+            keep[weight.detach().abs().flatten().topk(int(levels[name])).indices] = True
+            out[name] = Decision(keep.view_as(weight), None, f"top {int(levels[name])}")
+        return out
+
+
+def test_a_criterion_of_ones_own_is_swept_with_its_levels_and_names_its_file(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 4))
+    x = torch.randn(32, 20)
+    result = sweep(model, [(x, model(x).argmax(1))], criterion=KeepLargest())  # its sweep_levels
+    assert [(r.layer, r.level) for r in result.rows] == [("0", 10.0), ("0", 100.0), ("2", 10.0), ("2", 100.0)]
+    assert [r.pruned_share for r in result.curve("0")] == [1 - 10 / 600, 1 - 100 / 600]
+    assert result.level_name == "count" and result.criterion == "keep_largest_sweep_test"
+    assert result.quality_config(1.0) == {"criterion": "keep_largest_sweep_test", "count": {"0": 100.0, "2": 100.0}}
+
+
+def test_a_criterion_mask_of_the_wrong_shape_is_refused_in_a_sweep():
+    class Broken(KeepLargest):
+        def select(self, weights, keeps, levels, context):
+            return {name: Decision(torch.ones(3, dtype=torch.bool), None, "") for name in weights}
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(8, 4)
+    with pytest.raises(ValueError, match=r"The mask of '0.weight' has shape \(3,\).*criterion Broken"):
+        sweep(model, [(x, model(x).argmax(1))], criterion=Broken())

@@ -1,6 +1,6 @@
 """Fuzzing the two sealed file formats: every mutant raises the promised error or loads consistently.
 
-Run by hand with more mutants: ``python tests/core/test_sparse_fuzz.py 50000 [seed]``.
+Run by hand with more mutants: ``python tests/core/export/test_sparse_fuzz.py 50000 [seed]``.
 """
 
 import collections
@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_prune.core import export
-from lightning_prune.core.export import SparseFormatError, _code_name, _seal, export_sparse, load_sparse
+from lightning_prune.core.export import SparseFormatError, export_sparse, load_sparse
+from lightning_prune.core.export.container import _ST_DTYPES, seal
+from lightning_prune.core.export.positions import code_name
+from lightning_prune.core.export.sparse_file import _DTYPES
 from lightning_prune.core.structure import load_shrunk, resize_to, save_shrunk
 
 SPARSE_MUTANTS = 5000
@@ -100,7 +102,7 @@ def _encodings(data: bytes) -> set[str]:
     out = set()
     for entry in entries.values():
         if entry["kind"] == "sparse":
-            out.add(_code_name(entry["positions"]))
+            out.add(code_name(entry["positions"]))
             out.add(entry["values"]["codec"])
             out.update(f"plane:{kind}" for kind, _ in entry["values"].get("planes", []))
     return out
@@ -123,7 +125,7 @@ def _join(text: bytes, body: bytes) -> bytes:
 
 def _reseal(data: bytes) -> bytes | None:
     try:
-        return _seal(data)
+        return seal(data)
     except ValueError:  # the mutation broke the digest field itself: the mutant stays unsealed
         return None
 
@@ -179,7 +181,7 @@ def _bad_value(rng: random.Random, old):
     if isinstance(old, list):
         choices += [old[::-1], [*old, 1], old[:-1], [2**17, 2**17], [old], [-1, *old[1:]]]
     if isinstance(old, str):
-        choices += [old + "x", old.upper(), "", *export._DTYPES, "full", "bitmap", "gap8", "gap4", "rice", "alive"]
+        choices += [old + "x", old.upper(), "", *_DTYPES, "full", "bitmap", "gap8", "gap4", "rice", "alive"]
         choices += ["pruned", "raw", "planes", "deflate", "dense", "sparse"]
     value = rng.choice(choices)
     return ("@token", rng.choice(_TOKENS)) if value == ("@token",) else value
@@ -243,9 +245,9 @@ def _entries_op(rng: random.Random, head: dict, entries: dict, tokens: list) -> 
         entry["shape"] = [2**17, 2**17]
     elif op == "shape-plus-one" and shape and all(isinstance(s, int) for s in shape):
         shape[rng.randrange(len(shape))] += rng.choice([1, -1])
-    elif op == "dtype-same-size" and entry.get("dtype") in export._DTYPES:
-        size = export._DTYPES[entry["dtype"]].itemsize
-        entry["dtype"] = rng.choice([n for n, d in export._DTYPES.items() if d.itemsize == size])
+    elif op == "dtype-same-size" and entry.get("dtype") in _DTYPES:
+        size = _DTYPES[entry["dtype"]].itemsize
+        entry["dtype"] = rng.choice([n for n, d in _DTYPES.items() if d.itemsize == size])
     elif op == "code-swap" and positions:
         positions["code"] = rng.choice(["full", "bitmap", "gap8", "gap4", "rice"])
     elif op == "of-flip" and positions.get("of") in ("alive", "pruned"):
@@ -279,8 +281,8 @@ def _header_op(rng: random.Random, head: dict, tokens: list) -> str:
     elif op == "shape-reversed":
         head[key]["shape"] = head[key]["shape"][::-1] + rng.choice([[], [1]])
     elif op == "dtype-same-size":
-        size = export._ST_DTYPES[head[key]["dtype"]].itemsize
-        head[key]["dtype"] = rng.choice([n for n, d in export._ST_DTYPES.items() if d.itemsize == size])
+        size = _ST_DTYPES[head[key]["dtype"]].itemsize
+        head[key]["dtype"] = rng.choice([n for n, d in _ST_DTYPES.items() if d.itemsize == size])
     elif op == "offsets-swapped" and len(infos) > 1:
         a, b = rng.sample(infos, 2)
         head[a]["data_offsets"], head[b]["data_offsets"] = head[b]["data_offsets"], head[a]["data_offsets"]
@@ -361,7 +363,7 @@ def _check_loaded(data: bytes, state: dict, masks: dict) -> None:
     assert set(masks) == {name for name, entry in entries.items() if entry["kind"] == "sparse"}
     for name, entry in entries.items():
         value = state[name]
-        assert tuple(value.shape) == tuple(entry["shape"]) and value.dtype == export._DTYPES[entry["dtype"]], name
+        assert tuple(value.shape) == tuple(entry["shape"]) and value.dtype == _DTYPES[entry["dtype"]], name
         if entry["kind"] == "sparse":
             keep = masks[name]
             assert keep.dtype == torch.bool and keep.shape == value.shape

@@ -1,0 +1,293 @@
+"""Magnitude criteria: Han et al.'s ``quality x std`` rule, a share of each layer, a share of all layers.
+
+The classes are the registered criteria (:class:`Std` ``"std"``, :class:`Fraction` ``"fraction"``,
+:class:`Global` ``"global"``); the functions are the mask computations they use. Every function takes
+the current ``keep`` mask (``True`` = connection alive) and returns a new one that is a subset of it:
+masks only ever shrink, a pruned connection never comes back.
+
+- :func:`std_mask`: Han et al.'s rule, keep ``|w| > quality * std``.
+- :func:`fraction_mask`: keep the largest weights so that a share ``amount`` of the layer is pruned.
+- :func:`global_masks`: one magnitude threshold over several layers at once, pruning ``amount`` of
+  all their weights together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_prune.core.criteria.base import (
+    Criterion,
+    Decision,
+    Keeps,
+    Levels,
+    LevelSpec,
+    PruneContext,
+    Weights,
+    register_criterion,
+)
+from lightning_prune.core.validation import check_choice, check_fraction
+
+__all__ = [
+    "STD_OF",
+    "Fraction",
+    "Global",
+    "Std",
+    "StdOf",
+    "floor_mask",
+    "fraction_mask",
+    "global_masks",
+    "std_mask",
+    "surviving_std",
+]
+
+StdOf = Literal["dense", "surviving"]
+STD_OF: tuple[str, ...] = ("dense", "surviving")
+
+
+def _scores(weight: Tensor, keep: Tensor | None) -> Tensor:
+    """Magnitudes as float32, with already pruned entries below every real magnitude."""
+    scores = weight.detach().abs().float()
+    if keep is not None:
+        scores = scores.masked_fill(~keep, -1.0)
+    return scores
+
+
+def _keep_top(scores: Tensor, n_keep: int) -> Tensor:
+    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if n_keep > 0:
+        keep[torch.topk(scores.flatten(), n_keep, sorted=False).indices] = True
+    return keep.view_as(scores)
+
+
+def _largest_pruned(scores: Tensor, keep: Tensor) -> float:
+    pruned = scores[~keep]
+    return float(pruned.max().clamp_min(0.0)) if pruned.numel() else 0.0
+
+
+def surviving_std(weight: Tensor, keep: Tensor | None = None) -> float:
+    """Standard deviation of the weights still alive (of all weights when ``keep`` is ``None``).
+
+    Example::
+
+        >>> surviving_std(torch.tensor([0.0, -1.0, 1.0]), torch.tensor([False, True, True]))
+        1.4142...
+    """
+    values = weight.detach().float()
+    if keep is not None:
+        values = values[keep]
+    return float(values.std()) if values.numel() > 1 else 0.0
+
+
+def std_mask(weight: Tensor, quality: float, std: float, keep: Tensor | None = None) -> tuple[Tensor, float]:
+    """Han et al.'s rule: keep the connections with ``|w| > quality * std``.
+
+    Args:
+        weight: The layer's weights.
+        quality: The quality parameter (per-layer sensitivity), ``>= 0``.
+        std: The standard deviation the threshold is scaled by (see :func:`surviving_std`).
+        keep: The current mask; ``None`` if the layer was never pruned.
+
+    Returns:
+        The new mask and the threshold ``quality * std``.
+
+    Example::
+
+        >>> w = torch.tensor([0.1, -0.5, 2.0, -3.0])
+        >>> std_mask(w, quality=0.5, std=2.0)
+        (tensor([False, False,  True,  True]), 1.0)
+    """
+    threshold = quality * std
+    new = weight.detach().abs() > threshold
+    if keep is not None:
+        new &= keep
+    return new, threshold
+
+
+def fraction_mask(weight: Tensor, amount: float, keep: Tensor | None = None) -> tuple[Tensor, float]:
+    """Keep the largest weights so that ``round(amount * numel)`` of the layer is pruned.
+
+    ``amount`` is the layer's target sparsity after this call, counting connections pruned before;
+    if more than that are already pruned nothing changes. Ties are broken by :func:`torch.topk`.
+
+    Args:
+        weight: The layer's weights.
+        amount: Target share of the layer pruned, in ``[0, 1]``.
+        keep: The current mask; ``None`` if the layer was never pruned.
+
+    Returns:
+        The new mask and its threshold: the largest magnitude pruned (0 when nothing is).
+
+    Example::
+
+        >>> fraction_mask(torch.tensor([0.1, -0.5, 2.0, -3.0]), amount=0.5)
+        (tensor([False, False,  True,  True]), 0.5)
+    """
+    scores = _scores(weight, keep)
+    alive = scores.numel() if keep is None else int(keep.sum())
+    n_keep = min(alive, scores.numel() - round(amount * scores.numel()))
+    new = _keep_top(scores, n_keep)
+    return new, _largest_pruned(scores, new)
+
+
+def global_masks(
+    weights: Mapping[str, Tensor], amount: float, keeps: Mapping[str, Tensor] | None = None
+) -> tuple[dict[str, Tensor], float]:
+    """One magnitude threshold for several layers: prune ``amount`` of all their weights together.
+
+    Args:
+        weights: ``{name: weight}`` of the layers pruned together.
+        amount: Target share of all their weights pruned, in ``[0, 1]``.
+        keeps: Current masks by name; layers absent from it were never pruned.
+
+    Returns:
+        The new masks by name and the common threshold (largest magnitude pruned).
+
+    Example::
+
+        >>> masks, t = global_masks({"a": torch.tensor([1.0, 4.0]), "b": torch.tensor([2.0, 3.0])}, 0.5)
+        >>> masks["a"], masks["b"], t
+        (tensor([False,  True]), tensor([False,  True]), 2.0)
+    """
+    keeps = keeps or {}
+    scores = {name: _scores(w, keeps.get(name)) for name, w in weights.items()}
+    flat = torch.cat([s.flatten().cpu() for s in scores.values()])
+    alive = int((flat >= 0).sum())
+    kept = _keep_top(flat, min(alive, flat.numel() - round(amount * flat.numel())))
+    pieces = kept.split([s.numel() for s in scores.values()])
+    masks = {name: piece.view_as(s).to(s.device) for (name, s), piece in zip(scores.items(), pieces, strict=True)}
+    return masks, _largest_pruned(flat, kept)
+
+
+def floor_mask(weight: Tensor, new: Tensor, keep: Tensor | None, min_remaining: float) -> Tensor:
+    """Widen ``new`` so that at least ``ceil(min_remaining * numel)`` (and one) connections survive.
+
+    The extra survivors are the largest weights still alive in ``keep``.
+
+    Example::
+
+        >>> floor_mask(torch.tensor([0.1, -0.5, 2.0, -3.0]), torch.zeros(4, dtype=torch.bool), None, 0.25)
+        tensor([False, False, False,  True])
+    """
+    scores = _scores(weight, keep)
+    alive = scores.numel() if keep is None else int(keep.sum())
+    n_min = min(alive, max(1, math.ceil(min_remaining * scores.numel() - 1e-9)))
+    if int(new.sum()) >= n_min:
+        return new
+    return _keep_top(scores, n_min)
+
+
+@register_criterion
+class Std(Criterion):
+    """Han et al.'s rule: keep the connections with ``|w| > quality * std(W)``, per layer.
+
+    Args:
+        quality: The quality parameter, a number ``>= 0`` or ``{pattern: number}`` per layer (from a
+            sensitivity analysis: the path of its quality file).
+        std_of: ``"dense"``: the std of a layer's weights when first pruned (cached, so a quality means
+            the same cut in every round); ``"surviving"``: the std of the weights alive at each prune
+            (the threshold climbs round after round).
+        min_remaining: Floor share of connections each layer keeps (see :class:`Criterion`).
+
+    Example::
+
+        >>> Std(quality={"conv*": 0.5, "*": 1.0}).level
+        {'conv*': 0.5, '*': 1.0}
+    """
+
+    name = "std"
+    level_name = "quality"
+    level_help = "threshold = quality x std(W)"
+    sweep_levels = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5)
+
+    def __init__(self, quality: LevelSpec | str = 1.0, std_of: StdOf = "dense", min_remaining: float | None = None):
+        super().__init__(quality, min_remaining)
+        self.std_of = check_choice(std_of, "std_of", STD_OF)
+
+    def select(self, weights: Weights, keeps: Keeps, levels: Levels, context: PruneContext) -> dict[str, Decision]:
+        """``|w| > quality * std`` for each parameter, the std as ``std_of`` says."""
+        out = {}
+        for name, weight in weights.items():
+            std = context.dense_std[name] if self.std_of == "dense" else surviving_std(weight, keeps.get(name))
+            keep, threshold = std_mask(weight, levels[name], std, keeps.get(name))
+            out[name] = Decision(
+                keep, threshold, f"{levels[name]:.2f} x std" + " (surviving)" * (self.std_of != "dense")
+            )
+        return out
+
+    def describe(self) -> str:
+        """E.g. ``Std(quality=1.0, std_of='dense')``."""
+        return f"Std({self._settings()}, std_of={self.std_of!r})"
+
+
+class _Share(Criterion):
+    """A rule whose level is a share of weights pruned, in ``[0, 1]``."""
+
+    level_name = "amount"
+
+    def check_level(self, value: Any, name: str) -> float:
+        """A share in ``[0, 1]``."""
+        return check_fraction(value, name)  # type: ignore[return-value]
+
+
+@register_criterion
+class Fraction(_Share):
+    """Prune the smallest ``amount`` of each layer (its target sparsity, counting connections pruned before).
+
+    Args:
+        amount: The share pruned, in ``[0, 1]``, or ``{pattern: share}`` per layer; ``None``: every
+            round gives its own.
+        min_remaining: Floor share of connections each layer keeps (see :class:`Criterion`).
+
+    Example::
+
+        >>> Fraction(amount=0.9).level
+        0.9
+    """
+
+    name = "fraction"
+    level_help = "share of the layer pruned"
+    sweep_levels = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+    def __init__(self, amount: LevelSpec | str | None = None, min_remaining: float | None = None):
+        super().__init__(amount, min_remaining)
+
+    def select(self, weights: Weights, keeps: Keeps, levels: Levels, context: PruneContext) -> dict[str, Decision]:
+        """The largest weights of each layer, so that ``amount`` of it is pruned."""
+        out = {}
+        for name, weight in weights.items():
+            keep, threshold = fraction_mask(weight, levels[name], keeps.get(name))
+            out[name] = Decision(keep, threshold, f"{100 * levels[name]:.1f}% of layer")
+        return out
+
+
+@register_criterion
+class Global(_Share):
+    """Prune the smallest ``amount`` of all selected weights together: one magnitude threshold for every layer.
+
+    Args:
+        amount: The share of all the weights pruned, in ``[0, 1]``; ``None``: every round gives its own.
+        min_remaining: Floor share of connections each layer keeps (see :class:`Criterion`).
+
+    Example::
+
+        >>> Global(amount=0.5).per_layer
+        False
+    """
+
+    name = "global"
+    level_help = "share of all selected weights pruned"
+    per_layer = False
+
+    def __init__(self, amount: float | None = None, min_remaining: float | None = None):
+        super().__init__(amount, min_remaining)
+
+    def select(self, weights: Weights, keeps: Keeps, levels: Levels, context: PruneContext) -> dict[str, Decision]:
+        """One threshold over all the weights, pruning ``amount`` of them."""
+        amount = next(iter(levels.values()))
+        masks, threshold = global_masks(weights, amount, {n: k for n, k in keeps.items() if k is not None})
+        return {name: Decision(keep, threshold, f"{100 * amount:.1f}% global") for name, keep in masks.items()}

@@ -1,0 +1,78 @@
+"""What a fit checks before anything trains: the callback's settings against the model and the trainer.
+
+Each check raises ``ValueError`` naming the bad value (the round, the strategy, the missing input) and
+what to do; nothing is changed before the checks pass.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+from lightning_prune.core.criteria import Criterion
+from lightning_prune.core.freezing import trainable_parameters
+from lightning_prune.core.pruner import Pruner
+from lightning_prune.core.schedule import Schedule
+from lightning_prune.core.settings import Sensitivity
+from lightning_prune.core.validation import check_levels
+
+__all__ = ["check_rounds", "check_sensitivity", "check_shrink", "check_strategy", "clips_by_norm"]
+
+_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+
+def check_sensitivity(settings: Sensitivity, criterion: Criterion) -> None:
+    """The criterion can be swept layer by layer, at the given levels or its own ``sweep_levels``."""
+    if not criterion.per_layer:
+        raise ValueError(f"`sensitivity` picks per-layer levels; criterion {criterion.describe()} has one level.")
+    if settings.levels is None and not criterion.sweep_levels:
+        raise ValueError(
+            f"`sensitivity.levels` is needed: criterion {criterion.describe()} has no default sweep levels."
+        )
+    if settings.levels is not None:
+        check_levels(settings.levels, "sensitivity.levels", criterion.check_level)
+
+
+def check_rounds(pruner: Pruner, schedule: Schedule, model: pl.LightningModule) -> None:
+    """Every round's prune and ``train_only`` resolve on the model (errors prefixed ``rounds[k]:``)."""
+    for index, round_ in enumerate(schedule.rounds):
+        try:
+            pruner.check(**round_.prune_kwargs())
+            if round_.train_only is not None:
+                trainable_parameters(model, round_.train_only)
+        except ValueError as err:
+            raise ValueError(f"rounds[{index}]: {err}") from err
+
+
+def check_strategy(trainer: pl.Trainer, schedule: Schedule) -> None:
+    """Sharded strategies are refused; ``train_only`` inside one DDP fit needs ``find_unused_parameters``."""
+    strategy = trainer.strategy
+    if isinstance(strategy, _SHARDED):
+        raise ValueError(
+            f"PruneRetrainCallback does not support {type(strategy).__name__} yet: it shards parameters, and "
+            f"pruning shards by magnitude would be wrong. Use strategy='ddp' (or a single device)."
+        )
+    unused = getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)
+    one_fit_ddp = isinstance(strategy, DDPStrategy) and not unused and schedule.in_one_fit
+    if one_fit_ddp and any(r.train_only is not None for r in schedule.rounds):
+        raise ValueError(
+            "Rounds with `train_only` inside one fit under DDP need "
+            "strategy='ddp_find_unused_parameters_true' (DDP fixes the set of trained parameters when it "
+            "wraps the model), or run each round as its own fit with lightning_prune.fit_rounds."
+        )
+
+
+def check_shrink(shrink_at_end: bool, model: pl.LightningModule) -> None:
+    """Removing dead units at the end needs ``example_input_array`` on the module."""
+    if shrink_at_end and model.example_input_array is None:
+        raise ValueError(
+            "`shrink_at_end=True` needs `example_input_array` on the LightningModule (a batch its forward takes), "
+            "to trace the dataflow between layers and to check that outputs stay the same."
+        )
+
+
+def clips_by_norm(trainer: pl.Trainer, model: pl.LightningModule) -> bool:
+    """Whether gradients may be clipped by their norm: by the trainer's setting, or a module's own clipping hook."""
+    overridden = type(model).configure_gradient_clipping is not pl.LightningModule.configure_gradient_clipping
+    by_trainer = bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm != "value"
+    return by_trainer or overridden

@@ -1,0 +1,74 @@
+"""What the callback tells the user: the per-layer table at each prune, round summaries, logged metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lightning_prune.core.report import LayerStats, format_table
+from lightning_prune.core.schedule import Round
+from lightning_prune.core.structure import StructureReport
+
+__all__ = ["log_progress", "log_prune", "prune_report", "round_summary", "shrink_summary"]
+
+
+def prune_report(
+    k: int, rounds: int, epoch: int, round_: Round, stats: Sequence[LayerStats], frozen: int, dropout: Any
+) -> str:
+    """The table of a prune (Table 2 of the paper) and the retraining settings in force.
+
+    Args:
+        k: The round's index.
+        rounds: How many rounds there are.
+        epoch: The epoch it prunes at.
+        round_: The round as it runs.
+        stats: The per-parameter stats after the prune.
+        frozen: How many parameters are frozen for its retraining.
+        dropout: The :class:`~lightning_prune.dropout.DropoutControl`, or ``None``.
+    """
+    where = f"round {k + 1}/{rounds}, start of epoch {epoch}"
+    lines = [format_table(stats, title=f"lightning-prune: pruned ({where})")]
+    retrain = [f"lr x{round_.lr_scale:g}"]
+    if round_.weight_decay is not None:
+        retrain.append(f"weight decay {round_.weight_decay:g}")
+    if round_.l1:
+        retrain.append(f"L1 {round_.l1:g}")
+    if round_.train_only is not None:
+        retrain.append(f"training only {round_.train_only} ({frozen} parameters frozen)")
+    lines.append("retraining: " + ", ".join(retrain))
+    if dropout is not None and dropout.adjuster.original:
+        now = dropout.adjuster.current()
+        rates = ", ".join(f"{n} {p:.3g}->{now[n]:.3g}" for n, p in dropout.adjuster.original.items() if p > 0)
+        if rates:
+            lines.append(f"dropout ({dropout.adjuster.source} links): {rates}")
+    return "\n".join(lines)
+
+
+def round_summary(done: int, rounds: int, remaining_pct: float, metrics: Mapping[str, Any]) -> str:
+    """One line at a round's end: how much remains, and the scalar metrics logged."""
+    values = {k: float(v) for k, v in metrics.items() if not k.startswith("prune/") and v.numel() == 1}
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())) or "no metrics logged"
+    return (
+        f"lightning-prune: end of round {done}/{rounds}: {remaining_pct:.2f}% of the selected weights remain; {shown}"
+    )
+
+
+def shrink_summary(report: StructureReport) -> str:
+    """What removing dead units did: units removed per layer, parameters before and after, new shapes."""
+    removed = ", ".join(f"{name} -{n}" for name, n in report.removed_units.items()) or "none"
+    before, after = report.parameters_before, report.parameters_after
+    return f"lightning-prune: removed dead units ({removed}); parameters {before} -> {after}\n{report}"
+
+
+def log_prune(pl_module: pl.LightningModule, stats: Sequence[LayerStats]) -> None:
+    """Log ``prune/remaining_pct/<parameter>`` of every selected parameter."""
+    for s in stats:
+        pl_module.log(f"prune/remaining_pct/{s.name}", s.remaining_pct, on_epoch=True, sync_dist=True)
+
+
+def log_progress(pl_module: pl.LightningModule, sparsity: float, rounds_done: int) -> None:
+    """Log ``prune/sparsity`` and ``prune/round``."""
+    pl_module.log("prune/sparsity", sparsity, on_epoch=True, sync_dist=True)
+    pl_module.log("prune/round", float(rounds_done), on_epoch=True, sync_dist=True)
