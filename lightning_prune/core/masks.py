@@ -17,7 +17,16 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["MaskPairs", "check_mask", "enforce", "mask_gradients", "mask_weights", "multiplier", "zero_optimizer_state"]
+__all__ = [
+    "CHUNK",
+    "MaskPairs",
+    "check_mask",
+    "enforce",
+    "mask_gradients",
+    "mask_weights",
+    "multiplier",
+    "zero_optimizer_state",
+]
 
 MaskPairs = list[tuple[Tensor, Tensor]]
 """``(parameter, multiplier)`` pairs, the multiplier being :func:`multiplier` of the mask."""
@@ -41,11 +50,17 @@ def multiplier(keep: Tensor) -> Tensor:
     return keep.view(torch.uint8)
 
 
+CHUNK = 1 << 20
+"""Elements :func:`enforce` multiplies at a time on the CPU. PyTorch's CPU multiply of an integer tensor by a
+``uint8`` one runs about 8x slower per element above about 8M elements than below; a loop over 1M-element
+chunks keeps it near the memory floor (``docs/benchmarks.md``, "Mask cost")."""
+
+
 def enforce(tensor: Tensor, mult: Tensor) -> None:
     """Write an exact zero into ``tensor`` wherever ``mult`` (a :func:`multiplier`) is 0, in place; NaN and inf too.
 
     Alive entries keep their bits exactly (NaN included). Floating-point tensors are multiplied as integers of
-    their width; other dtypes by value.
+    their width; other dtypes by value. Large contiguous CPU tensors go :data:`CHUNK` elements at a time.
 
     Example::
 
@@ -55,7 +70,14 @@ def enforce(tensor: Tensor, mult: Tensor) -> None:
         tensor([0., 2., 0., nan])
     """
     bits = _BITS.get(tensor.dtype)
-    (tensor.view(bits) if bits is not None else tensor).mul_(mult)
+    target = tensor.view(bits) if bits is not None else tensor
+    n = target.numel()
+    if n <= CHUNK or target.device.type != "cpu" or not (target.is_contiguous() and mult.is_contiguous()):
+        target.mul_(mult)
+        return
+    flat, flat_mult = target.view(-1), mult.view(-1)
+    for start in range(0, n, CHUNK):
+        flat[start : start + CHUNK].mul_(flat_mult[start : start + CHUNK])
 
 
 def check_mask(name: str, keep: Tensor, shape: Sequence[int], what: str = "tensor") -> None:

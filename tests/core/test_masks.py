@@ -245,3 +245,31 @@ def test_zero_optimizer_state_empty_masks():
     opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
     _step(opt, [w])
     assert zero_optimizer_state(opt, {}) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_chunked_enforce_gives_the_bits_of_one_multiply(monkeypatch, dtype):
+    import lightning_prune.core.masks as masks
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(10_007, generator=g).to(dtype)
+    t[::97] = float("nan")
+    t[::89] = float("inf")
+    keep = torch.rand(10_007, generator=g) > 0.7
+    expected = t.clone()
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    expected.view(bits).mul_(keep.view(torch.uint8))
+    monkeypatch.setattr(masks, "CHUNK", 1000)  # 11 chunks, the last one short
+    enforce(t, multiplier(keep))
+    assert torch.equal(t.view(bits), expected.view(bits))
+
+
+def test_enforce_on_a_large_non_contiguous_view_falls_back_to_one_multiply(monkeypatch):
+    import lightning_prune.core.masks as masks
+
+    monkeypatch.setattr(masks, "CHUNK", 10)
+    w = torch.randn(40, 30)
+    keep = torch.rand(40, 30) > 0.5
+    expected = w * keep
+    enforce(w.t(), multiplier(keep.t()))
+    assert torch.equal(w, expected)
