@@ -2,6 +2,7 @@
 
 from lightning_prune.callback import PruneRetrainCallback
 from lightning_prune.core import (
+    NM,
     Criterion,
     Decision,
     DropoutAdjustment,
@@ -17,6 +18,9 @@ from lightning_prune.core import (
     Round,
     Sensitivity,
     Std,
+    StructuredFraction,
+    StructuredGlobal,
+    StructuredStd,
     format_table,
     register_criterion,
 )
@@ -24,6 +28,7 @@ from lightning_prune.rounds import PhaseResult, fit_rounds
 from lightning_prune.trainer import PruneTrainer
 
 __all__ = [
+    "NM",
     "Criterion",
     "Decision",
     "DropoutAdjustment",
@@ -42,6 +47,9 @@ __all__ = [
     "Round",
     "Sensitivity",
     "Std",
+    "StructuredFraction",
+    "StructuredGlobal",
+    "StructuredStd",
     "fit_rounds",
     "format_table",
     "register_criterion",

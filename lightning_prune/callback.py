@@ -27,6 +27,7 @@ from lightning_prune.core.dropout import layer_counts
 from lightning_prune.core.guard import Guard, GuardController, Verdict
 from lightning_prune.core.pruner import Pruner
 from lightning_prune.core.schedule import Round, Schedule
+from lightning_prune.core.selection import dense_tensors
 from lightning_prune.core.sensitivity import SensitivityResult
 from lightning_prune.core.settings import DropoutAdjustment, Regularization, Retraining, Sensitivity
 from lightning_prune.core.structure import StructureReport, remove_dead_units
@@ -52,7 +53,8 @@ class PruneRetrainCallback(Callback):
             ``None``: one round per prune epoch (one if none), every field from the defaults.
         criterion: The default rule: a :class:`~lightning_prune.core.criteria.Criterion` (``Std``,
             ``Fraction``, ``Global``, or your own) or a registered name (``"std"``).
-        layers: Glob patterns over module names of the layers to prune; ``None``: every Linear and Conv.
+        layers: Glob patterns over module or parameter names (see ``select_targets``); ``None``: every Linear,
+            Conv, ConvTranspose, attention and recurrent weight.
         prune_bias: Prune the selected layers' biases too.
         prune_epochs: Epochs (0-based) at whose start the rounds prune, strictly increasing. ``None``:
             from the rounds' ``epochs``, or one prune at ``max_epochs // 2``.
@@ -274,6 +276,10 @@ class PruneRetrainCallback(Callback):
         if self.schedule.in_one_fit:
             self.take_guard_snapshot(pl_module)
         round_ = self.schedule.round(k)
+        if not self.schedule.done and self.verbose:
+            notice = reporting.unpruned_notice(dense_tensors(pl_module, list(self.pruner.targets.values())))
+            if notice is not None:
+                rank_zero_info(notice)
         stats = self.pruner.prune(**round_.prune_kwargs())
         if trainer.world_size > 1:  # decided once: every rank takes rank zero's masks and statistics
             stats = _take_rank_zeros_masks(trainer, self.pruner) or stats

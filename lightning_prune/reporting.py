@@ -39,11 +39,24 @@ def prune_report(
         retrain.append(f"training only {round_.train_only} ({frozen} parameters frozen)")
     lines.append("retraining: " + ", ".join(retrain))
     if dropout is not None and dropout.adjuster.original:
-        now = dropout.adjuster.current()
-        rates = ", ".join(f"{n} {p:.3g}->{now[n]:.3g}" for n, p in dropout.adjuster.original.items() if p > 0)
-        if rates:
-            lines.append(f"dropout ({dropout.adjuster.source} links): {rates}")
+        lines.extend(_dropout_line(dropout.adjuster))
     return "\n".join(lines)
+
+
+def _dropout_line(adjuster: Any) -> list[str]:
+    """``dropout (traced links, explicit for d1; none for d2): d1 0.5->0.3, d2 0.5->0.5``: rates of nonzero dropouts."""
+    now = adjuster.current()
+    rates = ", ".join(f"{n} {p:.3g}->{now[n]:.3g}" for n, p in adjuster.original.items() if p > 0)
+    if not rates:
+        return []
+    where = f"{adjuster.source} links" + (", by call order" if adjuster.rule == "call order" else "")
+    explicit = [n for n, s in adjuster.sources.items() if s == "explicit" and adjuster.original[n] > 0]
+    if explicit:
+        where += f", explicit for {', '.join(explicit)}"
+    unlinked = [n for n, p in adjuster.original.items() if p > 0 and not adjuster.links.get(n)]
+    if unlinked:
+        where += f"; none for {', '.join(unlinked)}"
+    return [f"dropout ({where}): {rates}"]
 
 
 def round_summary(done: int, rounds: int, remaining_pct: float, metrics: Mapping[str, Any]) -> str:
@@ -72,3 +85,17 @@ def log_progress(pl_module: pl.LightningModule, sparsity: float, rounds_done: in
     """Log ``prune/sparsity`` and ``prune/round``."""
     pl_module.log("prune/sparsity", sparsity, on_epoch=True, sync_dist=True)
     pl_module.log("prune/round", float(rounds_done), on_epoch=True, sync_dist=True)
+
+
+def unpruned_notice(dense: Sequence[tuple[str, int, float]]) -> str | None:
+    """The line naming large weight tensors left dense (:func:`~lightning_prune.core.selection.dense_tensors`).
+
+    Example::
+
+        >>> print(unpruned_notice([("emb.weight", 800, 0.5)]))
+        lightning-prune: left dense (name them in `layers` to prune them): emb.weight (800 weights, 50.0% of the model)
+    """
+    if not dense:
+        return None
+    listed = ", ".join(f"{name} ({count:,} weights, {100 * share:.1f}% of the model)" for name, count, share in dense)
+    return f"lightning-prune: left dense (name them in `layers` to prune them): {listed}"

@@ -178,7 +178,8 @@ def analyze(
         datamodule: Source of the validation batches (``val_dataloader()``, see :func:`validation_batches`).
         dataloaders: Validation dataloaders instead: one, or a list or dict of them (all batches are used).
         levels: Increasing levels; ``None``: the criterion's ``sweep_levels`` (``"std"``: qualities 0.25..2.5).
-        layers: Glob patterns over module names, as for the callback; ``None``: every Linear and Conv.
+        layers: Glob patterns over module or parameter names, as for the callback; ``None``: every
+            multiply-accumulate weight.
         criterion: The criterion whose levels are swept (an object, or a name): ``"std"`` (levels are Han's
             quality, threshold ``level * std(W)``), ``"fraction"`` (shares pruned), or your own.
         metric: ``metric(outputs, targets)``, the batch mean; ``None``: accuracy (argmax over dimension 1).

@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from toy_models import ToyMLP, toy_loader
+from toy_models import ToyMLP, ToySequence, token_loader, toy_loader
 
 from lightning_prune import PruneRetrainCallback, fit_rounds
 
@@ -61,6 +61,13 @@ def main() -> None:
         trainer = pl.Trainer(max_epochs=4 if ckpt else 3, callbacks=[SkewRankOne(), prune, watch, saver], **common)
         trainer.fit(model, toy_loader(n=128), ckpt_path=ckpt)
         result = {"violations": watch.violations, "batches": watch.batches, "dropout": model.net[2].p}
+    elif mode == "sequence":
+        model = ToySequence()
+        prune = PruneRetrainCallback(prune_epochs=[1, 2], rounds=[{"level": 0.5}, {"level": 0.8}], verbose=False)
+        watch = Watch(prune)
+        trainer = pl.Trainer(max_epochs=3, callbacks=[SkewRankOne(), prune, watch], **common)
+        trainer.fit(model, token_loader(n=128))
+        result = {"violations": watch.violations, "batches": watch.batches}
     else:
         prune = PruneRetrainCallback(
             retrain={"lr_scale": 0.1},

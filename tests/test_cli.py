@@ -13,6 +13,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
+from registry_names import REGISTERED
 from toy_models import ToyData, ToyMLP, make_trainer, toy_loader
 from user_criteria import KeepTop, top_k_mask
 
@@ -197,7 +198,7 @@ def test_config_errors_name_the_key_before_training(tmp_path, capsys, extra, mat
         ({"retrain": {"lr_scale": -1.0}}, r"`retrain\.lr_scale` must be a finite number > 0, got -1\.0"),
         ({"dense": {"l1": -1.0}}, r"`dense\.l1` must be a finite number >= 0, got -1\.0"),
         ({"prune_epochs": [3, 1]}, CALLBACK + r"`prune_epochs` must be strictly increasing"),
-        ({"criterion": "l2"}, CALLBACK + r"`criterion` must be a registered name \(fraction, global, std\)"),
+        ({"criterion": "l2"}, CALLBACK + r"`criterion` must be a registered name " + REGISTERED),
         (
             {"criterion": {"class_path": "lightning_prune.Nope"}},
             r"class_path 'lightning_prune\.Nope':\s+module 'lightning_prune' has no attribute 'Nope'",

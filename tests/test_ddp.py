@@ -71,6 +71,15 @@ def test_fit_rounds_under_ddp_runs_each_round_once_on_every_rank(tmp_path):
     ]
 
 
+def test_ddp_attention_rows_recurrent_and_parametrized_masks_are_identical_on_every_rank(tmp_path):
+    ranks = run_script("sequence", tmp_path)
+    assert len(ranks) == 2 and ranks[0]["masks"] == ranks[1]["masks"]
+    assert {"encoder.self_attn.in_proj_weight", "rnn.weight_hh_l0", "head.parametrizations.weight.original1"} <= set(
+        ranks[0]["masks"]
+    )
+    assert all(r["violations"] == 0 and r["batches"] > 0 and r["done_rounds"] == [0, 1] for r in ranks)
+
+
 class DumpMasks(Callback):
     def __init__(self, out: Path):
         self.out = out

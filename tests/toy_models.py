@@ -208,3 +208,38 @@ class DriftSGD(torch.optim.SGD):
             for p in group["params"]:
                 p.add_(0.01)
         return loss
+
+
+def token_loader(n: int = 64, length: int = 6, vocab: int = 20, batch_size: int = 16, seed: int = 0) -> DataLoader:
+    """Token sequences labelled by whether their first token is below the vocabulary's middle."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n, length), generator=gen)
+    return DataLoader(TensorDataset(x, (x[:, 0] < vocab // 2).long()), batch_size=batch_size)
+
+
+class ToySequence(pl.LightningModule):
+    """Embedding, a transformer encoder layer, an LSTM and a weight-normed head: targets of every new kind."""
+
+    def __init__(self, vocab: int = 20, width: int = 16, dropout: float = 0.25):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.encoder = nn.TransformerEncoderLayer(width, 2, 2 * width, dropout=dropout, batch_first=True)
+        self.rnn = nn.LSTM(width, width, batch_first=True)
+        self.head = nn.utils.parametrizations.weight_norm(nn.Linear(width, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.rnn(self.encoder(self.emb(x)))
+        return self.head(h[:, -1])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01, weight_decay=1e-4)

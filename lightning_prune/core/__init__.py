@@ -4,12 +4,16 @@ Nothing here imports Lightning; it works on any ``nn.Module`` and ``torch.optim.
 """
 
 from lightning_prune.core.criteria import (
+    NM,
     Criterion,
     Decision,
     Fraction,
     Global,
     PruneContext,
     Std,
+    StructuredFraction,
+    StructuredGlobal,
+    StructuredStd,
     fraction_mask,
     get_criterion,
     global_masks,
@@ -23,7 +27,9 @@ from lightning_prune.core.export import (
     export_sparse,
     load_sparse,
     load_sparse_into,
+    semi_structured_problems,
     sparse_size_report,
+    to_semi_structured,
     to_sparse_linear,
 )
 from lightning_prune.core.guard import Guard, GuardController, Verdict
@@ -31,7 +37,15 @@ from lightning_prune.core.masks import mask_gradients, mask_weights, zero_optimi
 from lightning_prune.core.pruner import Pruner, PruningError
 from lightning_prune.core.report import LayerStats, format_table
 from lightning_prune.core.schedule import Round, Schedule
-from lightning_prune.core.selection import resolve_per_layer, select_layers, select_parameters
+from lightning_prune.core.selection import (
+    Target,
+    dense_tensors,
+    resolve_per_layer,
+    resolve_per_target,
+    select_layers,
+    select_parameters,
+    select_targets,
+)
 from lightning_prune.core.settings import DropoutAdjustment, Regularization, Retraining, Sensitivity
 from lightning_prune.core.structure import (
     find_dead_units,
@@ -43,6 +57,7 @@ from lightning_prune.core.structure import (
 )
 
 __all__ = [
+    "NM",
     "Criterion",
     "Decision",
     "DropoutAdjustment",
@@ -61,7 +76,12 @@ __all__ = [
     "Sensitivity",
     "SparseFormatError",
     "Std",
+    "StructuredFraction",
+    "StructuredGlobal",
+    "StructuredStd",
+    "Target",
     "Verdict",
+    "dense_tensors",
     "export_sparse",
     "find_dead_units",
     "format_table",
@@ -78,13 +98,17 @@ __all__ = [
     "remove_dead_units",
     "resize_to",
     "resolve_per_layer",
+    "resolve_per_target",
     "save_shrunk",
     "select_layers",
     "select_parameters",
+    "select_targets",
+    "semi_structured_problems",
     "shapes",
     "sparse_size_report",
     "std_mask",
     "surviving_std",
+    "to_semi_structured",
     "to_sparse_linear",
     "zero_optimizer_state",
 ]

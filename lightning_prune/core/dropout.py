@@ -2,19 +2,22 @@
 
 Dropout acts on neurons, and a layer's connection count is quadratic in its neuron counts, so a
 pruned layer (fewer connections, less capacity) is retrained with a smaller dropout rate. A dropout
-module is linked to the layer whose *inputs* it drops: the first layer with weights that runs after
-it. ``C_io`` is that layer's dense connection count, ``C_ir`` its remaining count, ``D_o`` the rate
-the model was built with. Rates are always computed from the original rate and count.
+module is linked to the layers whose *inputs* it drops: the layers with weights that take its output.
+``C_io`` is their dense connection count, ``C_ir`` their remaining count, ``D_o`` the rate the model
+was built with. Rates are always computed from the original rate and count.
 
-Links come, by priority, from an explicit ``{dropout: layer}`` map, from the order in which modules
-ran in a traced forward pass (:class:`ForwardTrace`), or from the modules' registration order (which
-is the forward order of ``nn.Sequential`` and of most models, torchvision's AlexNet and VGG included).
+Links come, by priority, from an explicit ``{dropout: layer}`` map, from the data flow of a traced
+forward pass (:class:`ForwardTrace`: the layers that take a dropout's output, seen through reshapes,
+activations, normalizations, pooling and other dropouts), or, before any trace, from the modules'
+registration order (which is the forward order of ``nn.Sequential`` and of most models,
+torchvision's AlexNet and VGG included).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -24,17 +27,22 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
+    "PASS_THROUGH",
+    "SCALAR_OPS",
     "DropoutAdjuster",
     "ForwardTrace",
+    "LinkRule",
     "LinkSource",
     "adjusted_rate",
     "find_dropouts",
+    "is_weight_name",
     "layer_counts",
     "link",
     "weight_layers",
 ]
 
 LinkSource = Literal["explicit", "traced", "static"]
+LinkRule = Literal["data flow", "call order", "registration order"]
 _FUNCTIONAL_DROPOUT = {
     F.dropout,
     F.dropout1d,
@@ -43,6 +51,41 @@ _FUNCTIONAL_DROPOUT = {
     F.alpha_dropout,
     F.feature_alpha_dropout,
 }
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+PASS_THROUGH: frozenset[str] = frozenset(
+    {
+        # shape, view, indexing and copies
+        *("view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t", "T"),
+        *("mT", "swapaxes", "swapdims", "movedim", "moveaxis", "contiguous", "squeeze", "unsqueeze", "expand"),
+        *("expand_as", "broadcast_to", "repeat", "tile", "repeat_interleave", "__getitem__", "narrow", "select"),
+        *("chunk", "split", "tensor_split", "unbind", "index_select", "flip", "roll", "clone", "detach", "data"),
+        *("to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "requires_grad"),
+        "_pack_padded_sequence",
+        # activations
+        *("relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "tanh", "sigmoid"),
+        *("hardtanh", "hardswish", "hardsigmoid", "softplus", "softsign", "tanhshrink", "logsigmoid", "threshold"),
+        *("prelu", "rrelu", "softmax", "log_softmax", "softmin"),
+        # normalization and pooling
+        *("layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "local_response_norm", "normalize"),
+        *("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "lp_pool1d"),
+        *("lp_pool2d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "adaptive_avg_pool1d"),
+        *("adaptive_avg_pool2d", "adaptive_avg_pool3d"),
+        # other dropouts
+        *("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"),
+        *("feature_dropout", "native_dropout"),
+    }
+)
+"""Torch functions (by name; in-place variants too) whose result carries the label of their first tensor argument."""
+
+SCALAR_OPS: frozenset[str] = frozenset(
+    {
+        *("add", "sub", "rsub", "mul", "div", "true_divide", "neg", "pow", "__add__", "__radd__", "__iadd__"),
+        *("__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__"),
+        *("__itruediv__", "__div__", "__neg__", "__pos__", "__pow__"),
+    }
+)
+"""Arithmetic that carries the label on when its labelled tensor is its only tensor (``x * 2``, not ``x + y``)."""
 
 
 def find_dropouts(model: nn.Module) -> dict[str, float]:
@@ -56,13 +99,42 @@ def find_dropouts(model: nn.Module) -> dict[str, float]:
     return {name: float(m.p) for name, m in model.named_modules() if isinstance(m, _DropoutNd)}
 
 
+def is_weight_name(name: str) -> bool:
+    """Whether a parameter (or target) name is a weight (``in_proj_weight:q``, ``weight_ih_l0``), not a bias.
+
+    Example::
+
+        >>> [is_weight_name(n) for n in ["fc.weight", "attn.in_proj_weight:q", "rnn.weight_hh_l0", "fc.bias"]]
+        [True, True, True, False]
+    """
+    leaf = name.rsplit(".", 1)[-1].split(":")[0]
+    return leaf.endswith("weight") or "weight_" in leaf
+
+
+def _owns_weights(module: nn.Module) -> bool:
+    """A weight of 2+ dimensions of its own, or a parametrized weight (``weight_norm``); never an embedding."""
+    if isinstance(module, _EMBEDDINGS):
+        return False
+    own = any(p.dim() >= 2 and is_weight_name(n) for n, p in module.named_parameters(recurse=False))
+    return own or any(is_weight_name(n) for n in getattr(module, "parametrizations", {}))
+
+
 def weight_layers(model: nn.Module) -> list[str]:
-    """Names of the modules owning a ``weight`` of two or more dimensions, in registration order."""
-    return [n for n, m in model.named_modules() if (w := m._parameters.get("weight")) is not None and w.dim() >= 2]
+    """Modules owning a weight of two or more dimensions (Linear, Conv, RNN, attention), in registration order.
+
+    Embeddings are left out: their input is indices, never the output of a dropout.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Embedding(5, 4), nn.LSTM(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+        >>> weight_layers(net)
+        ['1', '3']
+    """
+    return [name for name, m in model.named_modules() if _owns_weights(m)]
 
 
 def link(order: Sequence[str], dropouts: Iterable[str], layers: Iterable[str]) -> dict[str, list[str]]:
-    """Link each dropout to the first layer that runs after it, for every time it runs.
+    """Link each dropout to the first layer that runs after it, for every time it runs (call order).
 
     Args:
         order: Module names in the order they ran (names may repeat: a module reused runs twice).
@@ -102,47 +174,120 @@ def adjusted_rate(original: float, remaining: int, total: int) -> float:
     return original * math.sqrt(remaining / total) if total else original
 
 
-class ForwardTrace:
-    """Context manager recording the call order of modules, and dropout done functionally.
+def _tensors(tree: Any) -> Iterator[torch.Tensor]:
+    """The tensors in nested tuples (``PackedSequence`` too), lists and dicts."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, (tuple, list)):
+        for item in tree:
+            yield from _tensors(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _tensors(item)
 
-    Forward pre-hooks on the watched modules and the dropout modules log their names in call order;
-    a :class:`~torch.overrides.TorchFunctionMode` counts ``F.dropout``-family calls made outside a
-    dropout module (dropout the callback cannot adjust). Meant for one forward pass: it is slow.
+
+def _op_name(func: Any) -> str:
+    """``relu`` for ``torch.relu``, ``F.relu``, ``Tensor.relu`` and ``Tensor.relu_``; ``T`` for the ``.T`` getter."""
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        name = getattr(getattr(func, "__self__", None), "__name__", "")
+    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
+
+
+class _Labels:
+    """Which dropouts' outputs each live tensor is (by identity; weak references, so no tensor is kept alive)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[weakref.ref[torch.Tensor], frozenset[str]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_id)
+
+    def get(self, tensor: torch.Tensor | None) -> frozenset[str]:
+        entry = self._by_id.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else frozenset()
+
+    def put(self, tensor: torch.Tensor, labels: frozenset[str]) -> None:
+        if labels:
+            self._by_id[id(tensor)] = (weakref.ref(tensor), labels)
+        else:
+            self._by_id.pop(id(tensor), None)
+
+    def clear(self) -> None:
+        self._by_id.clear()
+
+
+class _Watch(TorchFunctionMode):
+    """Counts functional dropout outside dropout modules and passes labels on through :data:`PASS_THROUGH`."""
+
+    def __init__(self, trace: ForwardTrace):
+        super().__init__()
+        self.trace = trace
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        trace = self.trace
+        if func in _FUNCTIONAL_DROPOUT and not trace._inside_dropout:
+            trace.functional_dropout += 1
+        out = func(*args, **kwargs)
+        if trace._labels and trace.failed is None:
+            try:
+                trace._pass_on(_op_name(func), (args, kwargs), out)
+            except Exception as err:  # bookkeeping must never break training
+                trace._fail(err)
+        return out
+
+
+class ForwardTrace:
+    """Context manager tracing one forward pass: the modules' call order, and which layers take each dropout's output.
+
+    Forward hooks label each dropout module's output tensor with the dropout's name; a
+    :class:`~torch.overrides.TorchFunctionMode` passes the label on through every function of
+    :data:`PASS_THROUGH` (reshapes, indexing, conversions, activations, normalization, pooling, other
+    dropouts) and :data:`SCALAR_OPS` with a number (``x * 2``); any other function (``x + y``, ``cat``,
+    ``matmul``, a layer) stops it. A forward pre-hook on each watched layer links the labels of its
+    tensor inputs to it. The mode also counts ``F.dropout``-family calls made outside a dropout module
+    (dropout the callback cannot adjust). Meant for one forward pass: it is slow.
+
+    Args:
+        model: The network.
+        watch: Names of the layers that may take a dropout's output (:func:`weight_layers`).
+
+    Attributes:
+        order: Dropout and watched module names in the order they ran.
+        links: ``{dropout: [layers that took its output, in order]}``, every dropout module included.
+        functional_dropout: Dropout calls made outside a dropout module.
+        failed: Why the data flow could not be followed (``None``: it was); the order is still recorded.
 
     Example::
 
-        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
-        >>> with ForwardTrace(net, ["0", "2"]) as trace:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.ReLU(), nn.Linear(4, 2))
+        >>> with ForwardTrace(net, ["0", "3"]) as trace:
         ...     _ = net(torch.randn(1, 4))
-        >>> trace.order, trace.functional_dropout
-        (['0', '1', '2'], 0)
+        >>> trace.order, trace.links, trace.functional_dropout
+        (['0', '1', '3'], {'1': ['3']}, 0)
     """
 
     def __init__(self, model: nn.Module, watch: Iterable[str]):
         self.model = model
         self.watch = set(watch)
         self.order: list[str] = []
+        self.links: dict[str, list[str]] = {name: [] for name in find_dropouts(model)}
         self.functional_dropout = 0
+        self.failed: str | None = None
+        self._labels = _Labels()
         self._handles: list[Any] = []
         self._inside_dropout = 0
-        self._mode: TorchFunctionMode | None = None
+        self._mode: _Watch | None = None
 
     def __enter__(self) -> ForwardTrace:
         for name, module in self.model.named_modules():
             if isinstance(module, _DropoutNd):
                 self._handles.append(module.register_forward_pre_hook(self._enter_dropout(name)))
-                self._handles.append(module.register_forward_hook(self._leave_dropout))
+                self._handles.append(module.register_forward_hook(self._leave_dropout(name)))
             elif name in self.watch:
-                self._handles.append(module.register_forward_pre_hook(lambda *_, n=name: self.order.append(n)))
-        trace = self
-
-        class _Spot(TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                if func in _FUNCTIONAL_DROPOUT and not trace._inside_dropout:
-                    trace.functional_dropout += 1
-                return func(*args, **(kwargs or {}))
-
-        self._mode = _Spot()
+                self._handles.append(module.register_forward_pre_hook(self._enter_layer(name), with_kwargs=True))
+        self._mode = _Watch(self)
         self._mode.__enter__()
         return self
 
@@ -153,20 +298,60 @@ class ForwardTrace:
 
         return hook
 
-    def _leave_dropout(self, *_: Any) -> None:
-        self._inside_dropout -= 1
+    def _leave_dropout(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            self._inside_dropout -= 1
+            if self.failed is not None or not isinstance(output, torch.Tensor):
+                return None
+            source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            try:
+                if output is source:  # eval mode, p = 0 or in place: a view of its own, so the input keeps its label
+                    output = output.view_as(output)
+                self._labels.put(output, self._labels.get(source) | {name})
+            except Exception as err:  # bookkeeping must never break training
+                self._fail(err)
+            return output
+
+        return hook
+
+    def _enter_layer(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.order.append(name)
+            if self.failed is not None or not self._labels:
+                return
+            try:
+                for tensor in _tensors((args, kwargs)):
+                    for dropout in self._labels.get(tensor):
+                        if name not in self.links[dropout]:
+                            self.links[dropout].append(name)
+            except Exception as err:  # bookkeeping must never break training
+                self._fail(err)
+
+        return hook
+
+    def _pass_on(self, name: str, inputs: Any, out: Any) -> None:
+        tensors = list(_tensors(inputs))
+        through = name in PASS_THROUGH or (name in SCALAR_OPS and len(tensors) == 1)
+        labels = self._labels.get(tensors[0]) if through and tensors else frozenset()
+        for tensor in _tensors(out):
+            self._labels.put(tensor, labels)
+
+    def _fail(self, err: Exception) -> None:
+        self.failed = f"{type(err).__name__}: {err}"
+        self._labels.clear()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
-        """Remove the hooks and leave the function mode (idempotent)."""
+        """Remove the hooks, leave the function mode and drop the labels (idempotent)."""
         if self._mode is not None:
             self._mode.__exit__(None, None, None)
             self._mode = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._labels.clear()
 
 
 class DropoutAdjuster:
@@ -175,6 +360,13 @@ class DropoutAdjuster:
     Args:
         model: The network.
         links: Explicit ``{dropout_name: layer_name}`` links; they win over traced and static ones.
+
+    Attributes:
+        links: ``{dropout: [layers whose inputs it drops]}``; an empty list keeps the dropout's rate.
+        source: Where the links that are not explicit come from: ``"static"`` (registration order, until
+            a trace) or ``"traced"``.
+        rule: How they were found: ``"registration order"``, ``"data flow"`` (:meth:`use_flow`) or
+            ``"call order"`` (:meth:`use_order` with a traced order; checkpoints written before data flow).
 
     Raises:
         ValueError: If a map key is not a dropout module or a value is not a module with weights.
@@ -185,16 +377,23 @@ class DropoutAdjuster:
         >>> adjuster = DropoutAdjuster(net)
         >>> adjuster.apply({"2": (5, 20)})
         {'1': 0.25}
-        >>> net[1].p
-        0.25
+        >>> net[1].p, adjuster.sources
+        (0.25, {'1': 'static'})
     """
 
     def __init__(self, model: nn.Module, links: Mapping[str, str] | None = None):
         self.model = model
         self.original = find_dropouts(model)
         self.explicit = dict(links or {})
-        modules = dict(model.named_modules())
-        layers = weight_layers(model)
+        self._check_explicit()
+        self.links: dict[str, list[str]] = {}
+        self.source: LinkSource = "static"
+        self.rule: LinkRule = "registration order"
+        self.use_order([name for name, _ in model.named_modules()], "static")
+
+    def _check_explicit(self) -> None:
+        modules = dict(self.model.named_modules())
+        layers = weight_layers(self.model)
         for dropout, layer in self.explicit.items():
             if dropout not in modules:
                 raise ValueError(
@@ -210,21 +409,64 @@ class DropoutAdjuster:
                 raise ValueError(
                     f"`dropout.links[{dropout!r}]` = {layer!r} is not a module with weights. Accepted: {layers}."
                 )
-        self.links: dict[str, list[str]] = {}
-        self.source: LinkSource = "static"
-        self.use_order([name for name, _ in model.named_modules()], "static")
+
+    @property
+    def sources(self) -> dict[str, LinkSource]:
+        """``{dropout: "explicit" | "traced" | "static"}``: where each dropout's link comes from."""
+        return {name: "explicit" if name in self.explicit else self.source for name in self.original}
 
     def use_order(self, order: Sequence[str], source: LinkSource) -> None:
-        """Link dropouts from a module call order (explicit links are kept)."""
+        """Link dropouts from a module order: registration (``"static"``) or call order (explicit links kept)."""
         links = link(order, self.original, weight_layers(self.model))
+        self._use(links, source, "registration order" if source == "static" else "call order")
+
+    def use_flow(self, links: Mapping[str, Sequence[str]]) -> None:
+        """Link dropouts to the layers that took their output (:attr:`ForwardTrace.links`; explicit links kept).
+
+        Example::
+
+            >>> net = nn.Sequential(nn.Dropout(0.5), nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+            >>> adjuster = DropoutAdjuster(net)
+            >>> adjuster.use_flow({"0": ["1"]})
+            >>> adjuster.links, adjuster.source, adjuster.rule
+            ({'0': ['1'], '2': []}, 'traced', 'data flow')
+        """
+        self._use({name: list(links.get(name, [])) for name in sorted(self.original)}, "traced", "data flow")
+
+    def _use(self, links: dict[str, list[str]], source: LinkSource, rule: LinkRule) -> None:
         links.update({d: [layer] for d, layer in self.explicit.items()})
-        self.links, self.source = links, source
+        self.links, self.source, self.rule = links, source, rule
+
+    def unlinked(self, order: Sequence[str] | None = None) -> dict[str, str]:
+        """``{dropout: why it keeps its rate}`` for each dropout of a nonzero rate linked to no layer.
+
+        Args:
+            order: The traced call order, to say whether a dropout ran and where call order would link it.
+
+        Example::
+
+            >>> net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Dropout(0.2))
+            >>> DropoutAdjuster(net).unlinked(["0", "1"])
+            {'1': 'no layer with weights takes its output', '2': 'it did not run in the traced batch'}
+        """
+        by_order = link(order, self.original, weight_layers(self.model)) if order is not None else {}
+        why = {}
+        for name, p in self.original.items():
+            if p == 0 or self.links.get(name):
+                continue
+            if order is not None and name not in order:
+                why[name] = "it did not run in the traced batch"
+            elif by_order.get(name):
+                why[name] = f"combined with another tensor before a layer takes it (call order: {by_order[name]})"
+            else:
+                why[name] = "no layer with weights takes its output"
+        return why
 
     def rates(self, counts: Mapping[str, tuple[int, int]]) -> dict[str, float]:
         """Rates ``D_o * sqrt(C_ir / C_io)`` from ``{layer: (remaining, total)}``.
 
-        A dropout linked to several layers (reused) uses their summed counts; one linked to no
-        counted layer keeps its original rate.
+        A dropout linked to several layers (reused, or feeding several) uses their summed counts; one
+        linked to no counted layer keeps its original rate.
         """
         out = {}
         for name, p in self.original.items():
@@ -249,30 +491,46 @@ class DropoutAdjuster:
         return {name: float(self.model.get_submodule(name).p) for name in self.original}
 
     def state_dict(self) -> dict[str, Any]:
-        """Original rates, rates in force, links and their source: plain values."""
+        """Original rates, rates in force, links, their source and rule: plain values."""
         return {
             "original": dict(self.original),
             "current": self.current(),
             "links": {k: list(v) for k, v in self.links.items()},
             "source": self.source,
+            "rule": self.rule,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore original rates, links and the rates in force (set on the model)."""
+        """Restore original rates, links and the rates in force (set on the model).
+
+        Traced links of a state without a ``rule`` (written before data-flow linking) followed the call order.
+        """
         self.original = {k: v for k, v in state.get("original", self.original).items() if k in self.original}
         if state.get("links") is not None:
-            self.links = {k: list(v) for k, v in state["links"].items()}
-            self.links.update({d: [layer] for d, layer in self.explicit.items()})
-            self.source = state.get("source", self.source)
+            links = {k: list(v) for k, v in state["links"].items()}
+            source = state.get("source", self.source)
+            self._use(links, source, state.get("rule", "call order" if source == "traced" else "registration order"))
         self.set({k: v for k, v in state.get("current", {}).items() if k in self.original})
 
 
 def layer_counts(masks: Mapping[str, torch.Tensor], layer_of: Mapping[str, str]) -> dict[str, tuple[int, int]]:
-    """``{layer: (remaining, total)}`` of each layer's weight mask.
+    """``{layer: (remaining, total)}``: the connections of each layer, summed over its weight masks.
+
+    Connections are the entries of weights of two or more dimensions: an LSTM's ``weight_ih``/``weight_hh``
+    add up, an attention block's ``in_proj_weight`` counts (its ``out_proj`` is a layer of its own), and
+    so does a parametrized weight's masked tensor; biases and one-dimensional scales do not count.
 
     Example::
 
-        >>> layer_counts({"fc.weight": torch.tensor([True, False])}, {"fc.weight": "fc"})
-        {'fc': (1, 2)}
+        >>> masks = {"fc.weight": torch.tensor([[True, False]]), "fc.bias": torch.tensor([False]),
+        ...          "rnn.weight_ih_l0": torch.ones(2, 2, dtype=torch.bool),
+        ...          "rnn.weight_hh_l0": torch.zeros(2, 2, dtype=torch.bool)}
+        >>> layer_counts(masks, {name: name.split(".")[0] for name in masks})
+        {'fc': (1, 2), 'rnn': (4, 8)}
     """
-    return {layer_of[name]: (int(keep.sum()), keep.numel()) for name, keep in masks.items() if name.endswith("weight")}
+    counts: dict[str, tuple[int, int]] = {}
+    for name, keep in masks.items():
+        if keep.dim() >= 2 and "bias" not in name.rsplit(".", 1)[-1]:
+            remaining, total = counts.get(layer_of[name], (0, 0))
+            counts[layer_of[name]] = (remaining + int(keep.sum()), total + keep.numel())
+    return counts

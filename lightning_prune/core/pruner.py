@@ -15,11 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.core.criteria import Criterion, Decision, LevelSpec, PruneContext, checked_decisions, get_criterion
-from lightning_prune.core.criteria.magnitude import floor_mask, surviving_std
+from lightning_prune.core.criteria.magnitude import surviving_std
 from lightning_prune.core.enforcement import Enforcer
 from lightning_prune.core.masks import check_mask
 from lightning_prune.core.report import LayerStats
-from lightning_prune.core.selection import resolve_per_layer, select_parameters
+from lightning_prune.core.selection import Target, resolve_per_target, select_targets
 from lightning_prune.core.validation import check_fraction
 
 __all__ = ["Pruner", "PruningError"]
@@ -32,13 +32,17 @@ class PruningError(RuntimeError):
 class Pruner:
     """Masks for a model's selected parameters, the criterion that sets them, and their enforcement.
 
-    Masks are ``bool`` tensors keyed by qualified parameter name, on the parameter's device. The
-    model itself is never re-parametrized: pruned weights are plain zeros in ordinary tensors, so its
-    ``state_dict`` stays that of the unmodified module.
+    What is judged are *targets* (:func:`~lightning_prune.core.selection.select_targets`): a weight, the
+    q, k or v rows of an attention input projection, a parametrization's effective weight. Masks are
+    ``bool`` tensors keyed by the qualified name of the parameter they keep at zero, on its device; the
+    statistics (dense std, threshold, rule) are kept per target. The model itself is never
+    re-parametrized: pruned weights are plain zeros in ordinary tensors, so its ``state_dict`` stays
+    that of the unmodified module.
 
     Args:
         model: The network to prune.
-        layers: Glob patterns over module names; ``None`` selects every Linear and Conv1d/2d/3d.
+        layers: Glob patterns over module or parameter names; ``None``: every multiply-accumulate weight
+            (Linear, Conv, ConvTranspose, attention projections, RNN weights).
         include_bias: Also prune the selected layers' biases.
 
     Example::
@@ -54,7 +58,8 @@ class Pruner:
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, *, include_bias: bool = False):
         self.model = model
-        self.layer_of: dict[str, str] = select_parameters(model, layers, include_bias=include_bias)
+        self.targets: dict[str, Target] = {t.name: t for t in select_targets(model, layers, include_bias=include_bias)}
+        self.layer_of: dict[str, str] = {t.param: t.layer for t in self.targets.values()}
         self._masks: dict[str, Tensor] = {}
         self.dense_std: dict[str, float] = {}
         self.thresholds: dict[str, float] = {}
@@ -83,7 +88,7 @@ class Pruner:
         return self.model.get_parameter(name)
 
     def selected(self) -> dict[str, nn.Parameter]:
-        """``{name: parameter}`` of every selected parameter, in module order."""
+        """``{name: parameter}`` of every parameter a mask keeps at zero, in module order."""
         return {name: self.parameter(name) for name in self.layer_of}
 
     def prune(
@@ -103,9 +108,10 @@ class Pruner:
                 (``"std"``: Han's ``quality x std``; ``"fraction"``; ``"global"``).
             level: The level (quality, amount, ...): a number, ``{pattern: number}`` per layer, or a
                 levels file; ``None``: the criterion's own.
-            min_remaining: A share in ``[0, 1]``: each layer keeps at least that many (and one) of its
-                largest connections; ``None``: the criterion's floor, and with none a prune that would
-                empty a layer raises :class:`PruningError`.
+            min_remaining: A share in ``[0, 1]``: each target keeps at least that many (and one) of its
+                largest connections, widened the criterion's way (:meth:`Criterion.floor`: whole units
+                for a structured criterion); ``None``: the criterion's floor, and with none a prune that
+                would empty a target raises :class:`PruningError`.
             layers: Prune only these selected layers (glob patterns); ``None`` prunes all of them.
 
         Returns:
@@ -119,14 +125,18 @@ class Pruner:
         rule = get_criterion(criterion)
         levels = self.check(rule, level, min_remaining=min_remaining, layers=layers)
         floor = min_remaining if min_remaining is not None else rule.min_remaining
-        weights = {name: self.parameter(name) for name in levels}
+        with torch.no_grad():
+            weights = {name: self.targets[name].weight(self.model).detach() for name in levels}
         _check_finite(weights)
-        keeps = {name: self.masks.get(name) for name in weights}
+        keeps = {name: self._keep(name) for name in weights}
         stds = {n: self.dense_std[n] if n in self.dense_std else surviving_std(w) for n, w in weights.items()}
-        context = PruneContext(dense_std=stds, layer_of={n: self.layer_of[n] for n in weights})
+        context = PruneContext(dense_std=stds, layer_of={n: self.targets[n].layer for n in weights})
         copies = {n: None if k is None else k.clone() for n, k in keeps.items()}  # the criterion cannot edit masks
         decisions = _checked(rule, rule.select(weights, copies, levels, context), weights, keeps)
-        new = {name: self._floored(name, d, weights[name], keeps[name], floor) for name, d in decisions.items()}
+        if floor is not None:
+            decisions = _floored(rule, decisions, rule.floor(weights, copies, _keeps(decisions), floor, context))
+            decisions = _checked(rule, decisions, weights, keeps)
+        new = {name: self._not_emptied(name, d, weights[name]) for name, d in decisions.items()}
         self._commit(new, decisions, stds)
         return self.stats()
 
@@ -141,7 +151,7 @@ class Pruner:
         """Validate :meth:`prune` arguments against this model without pruning.
 
         Returns:
-            The level of every parameter that would be pruned.
+            The level of every target that would be pruned.
 
         Raises:
             ValueError: On a bad argument, naming it and the accepted values.
@@ -149,51 +159,61 @@ class Pruner:
         rule = get_criterion(criterion)
         check_fraction(min_remaining, "min_remaining", optional=True)
         names = self._names_for(layers)
+        with torch.no_grad():
+            rule.check_weights(
+                {name: self.targets[name].weight(self.model).detach() for name in names},
+                {name: self.targets[name].layer for name in names},
+            )
         spec = rule.level if level is None else rule.check_levels(level, rule.level_name)
         if spec is None:
             raise ValueError(
                 f"Criterion {rule.describe()} has no `{rule.level_name}`: give it one, e.g. "
                 f"{type(rule).__name__}({rule.level_name}=0.5), or give each round a `level`."
             )
-        values = resolve_per_layer(spec, list(dict.fromkeys(self.layer_of[n] for n in names)), name=rule.level_name)
-        return {name: values[self.layer_of[name]] for name in names}
+        return resolve_per_target(spec, {name: self.targets[name].layer for name in names}, name=rule.level_name)
 
     def _names_for(self, layers: Sequence[str] | None) -> list[str]:
         if layers is None:
-            return list(self.layer_of)
-        chosen = select_parameters(self.model, layers, include_bias=True)
+            return list(self.targets)
+        chosen = {t.name: t.layer for t in select_targets(self.model, layers, include_bias=True)}
         outside = [layer for layer in dict.fromkeys(chosen.values()) if layer not in self.layers]
         if outside:
             raise ValueError(f"Layer {outside[0]!r} is not among the pruned layers: {self.layers}.")
-        return [name for name in self.layer_of if name in chosen]
+        return [name for name in self.targets if name in chosen]
 
-    def _floored(
-        self, name: str, decision: Decision, weight: Tensor, keep: Tensor | None, min_remaining: float | None
-    ) -> Tensor:
-        if min_remaining is not None:
-            return floor_mask(weight, decision.keep, keep, min_remaining)
+    def _keep(self, name: str) -> Tensor | None:
+        """The current mask of target ``name`` (its rows of its parameter's mask), ``None`` if never pruned."""
+        target = self.targets[name]
+        keep = self._masks.get(target.param)
+        if keep is None or target.rows is None:
+            return keep
+        return keep[target.rows[0] : target.rows[1]]
+
+    def _not_emptied(self, name: str, decision: Decision, weight: Tensor) -> Tensor:
         if not decision.keep.any():
             threshold = "none" if decision.threshold is None else f"{decision.threshold:.4g}"
             raise PruningError(
                 f"Pruning would remove every connection of {name!r} (threshold {threshold}, largest |w| "
                 f"{float(weight.detach().abs().max()):.4g}, rule {decision.rule}). Lower the level of layer "
-                f"{self.layer_of[name]!r}, or set `min_remaining` to keep a floor."
+                f"{self.targets[name].layer!r}, or set `min_remaining` to keep a floor."
             )
         return decision.keep
 
     def _commit(self, new: dict[str, Tensor], decisions: dict[str, Decision], stds: dict[str, float]) -> None:
         for name, keep in new.items():
+            target = self.targets[name]
             self.dense_std.setdefault(name, stds[name])
-            if name in self.masks:
-                self.masks[name].logical_and_(keep)
-            else:
-                self.masks[name] = keep.clone()
+            if target.param not in self._masks:
+                param = self.parameter(target.param)
+                self._masks[target.param] = torch.ones(param.shape, dtype=torch.bool, device=param.device)
+            whole = self._masks[target.param]
+            (whole if target.rows is None else whole[target.rows[0] : target.rows[1]]).logical_and_(keep)
             if decisions[name].threshold is not None:
                 self.thresholds[name] = decisions[name].threshold
             self.rules[name] = decisions[name].rule
         self.enforcer.invalidate()
         self.enforcer.apply()
-        self.enforcer.zero_state(list(new))
+        self.enforcer.zero_state(list(dict.fromkeys(self.targets[name].param for name in new)))
 
     def set_masks(self, masks: Mapping[str, Tensor]) -> None:
         """Replace the masks (e.g. by those of a shrunk model), checked against the parameters, and apply them.
@@ -253,14 +273,17 @@ class Pruner:
         self.enforcer.mask_gradients(optimizer)
 
     def stats(self) -> list[LayerStats]:
-        """Per-parameter remaining counts, last thresholds and rules, in module order."""
+        """Per-target remaining counts, last thresholds and rules, in module order."""
         out = []
-        for name in self.layer_of:
-            param = self.parameter(name)
-            keep = self.masks.get(name)
-            remaining = param.numel() if keep is None else int(keep.sum())
-            out.append(LayerStats(name, tuple(param.shape), param.numel(), remaining, self.thresholds.get(name),
-                                  self.rules.get(name, "")))  # fmt: skip
+        for name, target in self.targets.items():
+            param = self.parameter(target.param)
+            shape = tuple(param.shape) if target.rows is None else (target.rows[1] - target.rows[0], *param.shape[1:])
+            numel = 1
+            for size in shape:
+                numel *= size
+            keep = self._keep(name)
+            remaining = numel if keep is None else int(keep.sum())
+            out.append(LayerStats(name, shape, numel, remaining, self.thresholds.get(name), self.rules.get(name, "")))
         return out
 
     def counts(self) -> tuple[int, int]:
@@ -292,7 +315,9 @@ class Pruner:
         masks = state.get("masks", {})
         if not isinstance(masks, Mapping):
             raise ValueError(f"The saved masks must map parameter names to bool tensors, got {type(masks).__name__}.")
-        recorded = [n for key in ("thresholds", "rules", "dense_std") for n in state.get(key, {}) if n not in masks]
+        recorded = [
+            n for key in ("thresholds", "rules", "dense_std") for n in state.get(key, {}) if not self._masked(n, masks)
+        ]
         if recorded:
             raise ValueError(
                 f"The saved state records a prune of {recorded[0]!r} but holds no mask for it; the checkpoint is "
@@ -303,6 +328,11 @@ class Pruner:
         self.thresholds = dict(state.get("thresholds", {}))
         self.rules = dict(state.get("rules", {}))
 
+    def _masked(self, name: str, masks: Mapping[str, Any]) -> bool:
+        """Whether statistics recorded under ``name`` (a target, or a parameter in old states) have a mask."""
+        target = self.targets.get(name)
+        return (target.param if target is not None else name) in masks
+
 
 def _check_finite(weights: Mapping[str, Tensor]) -> None:
     for name, weight in weights.items():
@@ -311,6 +341,20 @@ def _check_finite(weights: Mapping[str, Tensor]) -> None:
                 f"Parameter {name!r} holds NaN or inf values; it cannot be pruned by magnitude. "
                 f"Check the training run for divergence before pruning."
             )
+
+
+def _keeps(decisions: Mapping[str, Decision]) -> dict[str, Tensor]:
+    return {name: decision.keep for name, decision in decisions.items()}
+
+
+def _floored(rule: Criterion, decisions: Mapping[str, Decision], widened: Any) -> dict[str, Decision]:
+    """The decisions with the masks ``rule.floor`` widened them to (checked by the caller)."""
+    if not isinstance(widened, Mapping) or set(widened) != set(decisions):
+        got = sorted(widened) if isinstance(widened, Mapping) else type(widened).__name__
+        raise ValueError(
+            f"Criterion {rule.describe()}.floor must return a mask for each of {sorted(decisions)}, got {got}."
+        )
+    return {name: Decision(widened[name], d.threshold, d.rule) for name, d in decisions.items()}
 
 
 def _checked(

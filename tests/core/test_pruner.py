@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from registry_names import REGISTERED
 from torch import nn
 from toy_models import DriftSGD
 
@@ -338,7 +339,7 @@ def test_masks_only_shrink_property(ops):
 
 
 CRITERION_ERROR = (
-    r"`criterion` must be a registered name \(fraction, global, std\) or the dotted path of a Criterion subclass, "
+    rf"`criterion` must be a registered name {REGISTERED} or the dotted path of a Criterion subclass, "
     r"got 'l1'"
 )
 
@@ -1086,3 +1087,59 @@ def test_pruner_shares_its_masks_with_its_enforcer():
     assert [p for p, _ in pairs] == [net[0].weight, net[4].weight]  # the cache was invalidated by the prune
     pruner.detach()
     assert pruner.enforcer.optimizers == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the criterion's hooks: floor and check_weights
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_floor_hook_widens_decisions_and_the_result_is_checked_and_intersected():
+    seen = {}
+
+    class RowFloor(Fraction):
+        def floor(self, weights, keeps, decided, min_remaining, context):
+            seen.update(min_remaining=min_remaining, names=sorted(decided))
+            return {name: torch.ones_like(keep) for name, keep in decided.items()}  # keeps everything
+
+    pruner = Pruner(make_net())
+    pruner.prune("fraction", 0.5)
+    before = {n: k.clone() for n, k in pruner.masks.items()}
+    pruner.prune(RowFloor(amount=0.9, min_remaining=0.2))
+    assert seen == {"min_remaining": 0.2, "names": sorted(WEIGHTS)}
+    for name, keep in before.items():
+        assert torch.equal(pruner.masks[name], keep), name  # widened to all, then cut back to the old masks
+
+
+def test_floor_hook_that_misses_a_parameter_or_empties_one_is_refused():
+    class Missing(Fraction):
+        def floor(self, weights, keeps, decided, min_remaining, context):
+            return {"0.weight": decided["0.weight"]}
+
+    class Empty(Fraction):
+        def floor(self, weights, keeps, decided, min_remaining, context):
+            return {name: torch.zeros_like(keep) for name, keep in decided.items()}
+
+    pruner = Pruner(make_net())
+    state = pruner_state(pruner)
+    with pytest.raises(
+        ValueError, match=r"Missing\(.*\)\.floor must return a mask for each of \['0.weight', '2.weight'"
+    ):
+        pruner.prune(Missing(amount=0.5, min_remaining=0.1))
+    with pytest.raises(PruningError, match=r"would remove every connection of '0\.weight'"):
+        pruner.prune(Empty(amount=0.5, min_remaining=0.1))
+    assert_same_pruner_state(pruner_state(pruner), state)
+
+
+def test_check_weights_hook_sees_the_targets_and_can_refuse_before_anything_changes():
+    class Picky(Fraction):
+        def check_weights(self, weights, layer_of):
+            if "2.weight" in weights:
+                raise ValueError(f"no, not {layer_of['2.weight']!r}")
+
+    pruner = Pruner(make_net())
+    with pytest.raises(ValueError, match="no, not '2'"):
+        pruner.prune(Picky(amount=0.5))
+    assert pruner.masks == {}
+    pruner.prune(Picky(amount=0.5), layers=["0", "4"])
+    assert set(pruner.masks) == {"0.weight", "4.weight"}

@@ -1,7 +1,16 @@
 import pytest
+import torch
 from torch import nn
 
-from lightning_prune.core.selection import DEFAULT_LAYER_TYPES, resolve_per_layer, select_layers, select_parameters
+from lightning_prune.core.selection import (
+    DEFAULT_LAYER_TYPES,
+    dense_tensors,
+    resolve_per_layer,
+    resolve_per_target,
+    select_layers,
+    select_parameters,
+    select_targets,
+)
 
 
 class Net(nn.Module):
@@ -18,7 +27,7 @@ class Net(nn.Module):
         self.classifier = nn.Sequential(nn.Dropout(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
 
 
-DEFAULT = ["features.0", "features.3", "c1", "c3", "classifier.1", "classifier.3"]
+DEFAULT = ["features.0", "features.3", "c1", "c3", "up", "classifier.1", "classifier.3"]
 CANDIDATES = ["features.0", "features.3", "c1", "c3", "emb", "up", "classifier.1", "classifier.3"]
 
 
@@ -28,16 +37,24 @@ CANDIDATES = ["features.0", "features.3", "c1", "c3", "emb", "up", "classifier.1
 
 
 def test_default_types_are_linear_and_convs():
-    assert set(DEFAULT_LAYER_TYPES) == {nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d}
+    assert set(DEFAULT_LAYER_TYPES) == {
+        nn.Linear,
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+    }
 
 
 def test_default_selects_linear_and_convs_in_module_order():
     assert select_layers(Net()) == DEFAULT
 
 
-def test_default_skips_norms_embeddings_and_transposed_convs():
+def test_default_skips_norms_and_embeddings():
     selected = select_layers(Net())
-    for skipped in ("features.1", "norm", "emb", "up"):
+    for skipped in ("features.1", "norm", "emb"):
         assert skipped not in selected
 
 
@@ -55,13 +72,17 @@ def test_default_selects_root_module():
 
 def test_default_without_prunable_layers_raises_and_lists_candidates():
     net = nn.Sequential(nn.Embedding(5, 3), nn.LayerNorm(3))
-    with pytest.raises(ValueError, match=r"no Linear or Conv1d/2d/3d layer.*'0'"):
+    with pytest.raises(
+        ValueError, match=r"no Linear, Conv, ConvTranspose, MultiheadAttention or RNN weight.*'0.weight'"
+    ):
         select_layers(net)
 
 
 def test_default_without_any_weight_says_none():
-    with pytest.raises(ValueError, match=r"no Linear or Conv1d/2d/3d.*: none\."):
+    with pytest.raises(ValueError, match=r"no Linear, Conv, .* candidates: '1.weight', '1.bias'\."):
         select_layers(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)))
+    with pytest.raises(ValueError, match=r"no Linear, Conv, .* candidates: none\."):
+        select_layers(nn.Sequential(nn.ReLU()))
 
 
 def test_glob_pattern_selects_matching_modules():
@@ -97,18 +118,18 @@ def test_patterns_are_case_sensitive():
 
 @pytest.mark.parametrize("pattern", ["nope", "features.1", "norm", "features", "classifier.0"])
 def test_pattern_matching_nothing_raises_and_lists_candidates(pattern):
-    with pytest.raises(ValueError, match=rf"Pattern '{pattern}' in `layers` matches no module") as info:
+    with pytest.raises(ValueError, match=rf"Pattern '{pattern}' in `layers` matches no module with weights") as info:
         select_layers(Net(), ["c1", pattern])
     message = str(info.value)
     for name in CANDIDATES:
-        assert repr(name) in message
+        assert repr(f"{name}.weight") in message
 
 
 def test_error_preview_is_truncated_for_many_candidates():
     net = nn.Sequential(*[nn.Linear(2, 2) for _ in range(15)])
-    with pytest.raises(ValueError, match=r"'11', \.\.\. \(3 more\)") as info:
+    with pytest.raises(ValueError, match=r"'11.weight', \.\.\. \(18 more\)") as info:
         select_layers(net, ["x"])
-    assert "'12'" not in str(info.value)
+    assert "'12.weight'" not in str(info.value)
 
 
 def test_empty_layer_list_raises():
@@ -223,3 +244,188 @@ def test_resolve_unused_pattern_raises_and_lists_layers():
 def test_resolve_unused_exact_name_raises():
     with pytest.raises(ValueError, match=r"Pattern 'fc3' in `quality`"):
         resolve_per_layer({"fc3": 1.0, "*": 1.0}, LAYERS, name="quality")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# targets: attention, recurrent, transposed, parametrized, tied, parameter patterns
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    """A transformer-ish block: embedding, attention, recurrent layer, norm, head tied to the embedding."""
+
+    def __init__(self, tied: bool = True) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.rnn = nn.LSTM(8, 6, num_layers=2)
+        self.ln = nn.LayerNorm(6)
+        self.head = nn.Linear(8, 11, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+
+def names(targets):
+    return [t.name for t in targets]
+
+
+def test_attention_in_proj_is_three_row_blocks_and_out_proj_a_linear():
+    targets = select_targets(nn.MultiheadAttention(8, 2))
+    assert names(targets) == ["in_proj_weight:q", "in_proj_weight:k", "in_proj_weight:v", "out_proj.weight"]
+    assert [t.rows for t in targets] == [(0, 8), (8, 16), (16, 24), None]
+    assert {t.param for t in targets[:3]} == {"in_proj_weight"}
+    assert {t.layer for t in targets[:3]} == {""} and targets[3].layer == "out_proj"
+
+
+def test_attention_rows_are_views_of_the_parameter():
+    attn = nn.MultiheadAttention(8, 2)
+    _, k, _, _ = select_targets(attn)
+    assert torch.equal(k.weight(attn), attn.in_proj_weight[8:16])
+    assert k.weight(attn).data_ptr() == attn.in_proj_weight[8:].data_ptr()
+
+
+def test_attention_with_other_key_and_value_sizes_has_separate_projections():
+    attn = nn.MultiheadAttention(8, 2, kdim=5, vdim=3)
+    targets = select_targets(attn)
+    assert names(targets) == ["q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"]
+    assert all(t.rows is None and t.param == t.name for t in targets)
+
+
+def test_recurrent_layers_prune_input_and_hidden_weights_not_biases():
+    for cls in (nn.RNN, nn.LSTM, nn.GRU):
+        rnn = cls(4, 3, num_layers=2, bidirectional=True)
+        got = names(select_targets(rnn))
+        assert got == [n for n, _ in rnn.named_parameters() if n.startswith("weight_")]
+        assert "weight_hh_l1_reverse" in got
+
+
+def test_lstm_with_projection_prunes_its_projection_too():
+    assert "weight_hr_l0" in names(select_targets(nn.LSTM(4, 6, proj_size=2)))
+
+
+def test_block_default_targets_skip_embedding_and_norm():
+    got = names(select_targets(Block(tied=False)))
+    assert got[:4] == [
+        "attn.in_proj_weight:q",
+        "attn.in_proj_weight:k",
+        "attn.in_proj_weight:v",
+        "attn.out_proj.weight",
+    ]
+    assert got[4:] == ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l1", "rnn.weight_hh_l1", "head.weight"]
+
+
+def test_include_bias_adds_biases_of_whole_weights_only():
+    got = names(select_targets(nn.MultiheadAttention(4, 1), include_bias=True))
+    assert got == ["in_proj_weight:q", "in_proj_weight:k", "in_proj_weight:v", "out_proj.weight", "out_proj.bias"]
+
+
+def test_tied_weight_is_one_target_under_its_first_name():
+    block = Block(tied=True)
+    assert names(select_targets(block)).count("head.weight") == 1  # the Linear's weight, embedding or not
+    assert names(select_targets(block, ["emb", "head"])) == ["emb.weight"]
+    assert select_parameters(block, ["head"]) == {"head.weight": "head"}
+
+
+def test_patterns_can_name_parameters_and_opt_in_embeddings_and_norms():
+    block = Block(tied=False)
+    assert names(select_targets(block, ["rnn.weight_hh_*"])) == ["rnn.weight_hh_l0", "rnn.weight_hh_l1"]
+    assert names(select_targets(block, ["emb"])) == ["emb.weight"]
+    assert names(select_targets(block, ["ln.weight"])) == ["ln.weight"]
+    assert names(select_targets(block, ["attn.in_proj_weight:v"])) == ["attn.in_proj_weight:v"]
+    assert names(select_targets(block, ["attn.in_proj_weight"])) == [
+        "attn.in_proj_weight:q",
+        "attn.in_proj_weight:k",
+        "attn.in_proj_weight:v",
+    ]
+
+
+def test_norm_module_pattern_points_to_its_parameters():
+    with pytest.raises(
+        ValueError,
+        match=r"Pattern 'ln' in `layers` .* It matches 'ln': name their parameters \('ln.weight', 'ln.bias'\)",
+    ):
+        select_targets(Block(), ["ln"])
+
+
+def test_weight_norm_is_pruned_through_original1():
+    layer = nn.utils.parametrizations.weight_norm(nn.Linear(4, 3))
+    (target,) = select_targets(layer)
+    assert (target.name, target.param, target.value) == ("weight", "parametrizations.weight.original1", "weight")
+    assert torch.equal(target.weight(layer), layer.weight)
+    assert select_parameters(layer) == {"parametrizations.weight.original1": ""}
+
+
+def test_spectral_norm_is_pruned_through_original():
+    net = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(4, 3)))
+    (target,) = select_targets(net)
+    assert (target.name, target.param) == ("0.weight", "0.parametrizations.weight.original")
+
+
+def test_zero_under_weight_norm_is_zero_in_the_effective_weight():
+    layer = nn.utils.parametrizations.weight_norm(nn.Linear(4, 3))
+    (target,) = select_targets(layer)
+    with torch.no_grad():
+        layer.get_parameter(target.param)[0, :2] = 0
+    assert torch.count_nonzero(layer.weight[0, :2]) == 0
+
+
+def test_other_parametrizations_are_refused_naming_the_layer():
+    net = nn.Sequential(nn.Linear(3, 3), nn.utils.parametrizations.orthogonal(nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match=r"Layer '1' has its `weight` parametrized by \['_Orthogonal'\]"):
+        select_targets(net)
+    assert names(select_targets(net, ["0"])) == ["0.weight"]  # leaving it out works
+
+
+def test_user_parametrization_is_refused():
+    class Scale(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    layer = nn.Linear(3, 3)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", Scale())
+    with pytest.raises(ValueError, match=r"parametrized by \['Scale'\]; only weight_norm and spectral_norm"):
+        select_targets(layer)
+
+
+def test_select_layers_and_parameters_follow_targets():
+    block = Block(tied=False)
+    assert select_layers(block) == ["attn", "attn.out_proj", "rnn", "head"]
+    assert list(select_parameters(block))[:2] == ["attn.in_proj_weight", "attn.out_proj.weight"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# dense_tensors, resolve_per_target
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_dense_tensors_lists_large_unpruned_matrices_largest_first():
+    block = Block(tied=False)
+    found = dense_tensors(block, select_targets(block))
+    assert [name for name, _, _ in found] == ["emb.weight"]
+    total = sum(p.numel() for p in block.parameters())
+    assert found[0][1] == 88 and found[0][2] == pytest.approx(88 / total)
+    assert dense_tensors(block, select_targets(block, ["*", "emb"])) == []
+
+
+def test_dense_tensors_share_threshold():
+    net = nn.Sequential(nn.Embedding(2, 2), nn.Linear(2, 1000))
+    assert dense_tensors(net, select_targets(net)) == []  # 4 of ~3004 entries < 1%
+    assert [n for n, _, _ in dense_tensors(net, select_targets(net), share=0.001)] == ["0.weight"]
+
+
+def test_resolve_per_target_exact_target_then_layer_then_pattern():
+    layer_of = {"a:q": "a", "a:k": "a", "a:v": "a", "fc.weight": "fc"}
+    assert resolve_per_target({"a:v": 0.5, "a": 1.0, "*": 2.0}, layer_of, name="quality") == {
+        "a:q": 1.0,
+        "a:k": 1.0,
+        "a:v": 0.5,
+        "fc.weight": 2.0,
+    }
+    assert resolve_per_target({"*:k": 3.0, "*": 1.0}, layer_of, name="quality")["a:k"] == 3.0
+
+
+def test_resolve_per_target_errors_name_the_entry():
+    with pytest.raises(ValueError, match=r"Pattern 'b' in `quality` matches none of the pruned layers: 'a'"):
+        resolve_per_target({"b": 1.0, "*": 1.0}, {"a:q": "a"}, name="quality")
+    with pytest.raises(ValueError, match=r"Layer 'fc' matches no pattern in `quality`"):
+        resolve_per_target({"a": 1.0}, {"a:q": "a", "fc.weight": "fc"}, name="quality")

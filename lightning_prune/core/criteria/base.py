@@ -28,7 +28,9 @@ if it is meant for sensitivity sweeps), take its default level in ``__init__``, 
             return out
 
 The pruner intersects every decision with the current mask (masks only shrink), checks its dtype and
-shape, applies ``min_remaining`` and refuses to empty a layer, whatever the criterion.
+shape, applies ``min_remaining`` and refuses to empty a layer, whatever the criterion. Two hooks let a
+criterion with a structure keep it: :meth:`Criterion.floor` (how ``min_remaining`` widens a decision;
+by default connection by connection) and :meth:`Criterion.check_weights` (parameters it refuses).
 """
 
 from __future__ import annotations
@@ -158,6 +160,59 @@ class Criterion(ABC):
         """A gentler level, for a round the accuracy guard retries (here: ``level * scale``)."""
         return level * scale
 
+    def check_weights(self, weights: Weights, layer_of: Mapping[str, str]) -> None:  # noqa: B027 (optional hook)
+        """Refuse parameters this criterion cannot prune, before anything is pruned (here: none is refused).
+
+        A criterion that needs a shape (:class:`~lightning_prune.core.criteria.nm.NM` needs input sizes that
+        are multiples of ``m``) overrides it, and calls it at the start of :meth:`select` too.
+
+        Args:
+            weights: ``{parameter name: parameter}`` of the parameters a prune would touch.
+            layer_of: ``{parameter name: layer name}``, for the message.
+
+        Raises:
+            ValueError: Naming the layer, the parameter and what is wrong with it.
+        """
+
+    def floor(
+        self,
+        weights: Weights,
+        keeps: Keeps,
+        decided: Mapping[str, Tensor],
+        min_remaining: float,
+        context: PruneContext,
+    ) -> dict[str, Tensor]:
+        """The decided masks widened to the floor ``min_remaining``, for a prune that has one.
+
+        Here, connection by connection: each parameter keeps at least ``ceil(min_remaining * numel)``
+        (and one) of its connections, the largest still alive
+        (:func:`~lightning_prune.core.criteria.magnitude.floor_mask`). A criterion whose masks have a
+        structure (whole units, N:M groups) overrides it so that the floor keeps the structure.
+
+        Args:
+            weights: ``{parameter name: weight}``, as given to :meth:`select`.
+            keeps: ``{parameter name: mask before this prune}`` (``None`` for a parameter never pruned).
+            decided: ``{parameter name: mask}``: the decisions, checked and intersected with ``keeps``.
+            min_remaining: The floor, a share in ``[0, 1]``.
+            context: As given to :meth:`select`.
+
+        Returns:
+            A mask for every parameter of ``decided``; the pruner checks them and intersects them with
+            ``keeps`` again.
+
+        Example::
+
+            >>> import torch
+            >>> from lightning_prune.core.criteria import Fraction
+            >>> w = {"w": torch.tensor([0.1, -0.5, 2.0, -3.0])}
+            >>> context = PruneContext(dense_std={"w": 1.0}, layer_of={"w": "fc"})
+            >>> Fraction().floor(w, {"w": None}, {"w": torch.zeros(4, dtype=torch.bool)}, 0.5, context)
+            {'w': tensor([False, False,  True,  True])}
+        """
+        from lightning_prune.core.criteria.magnitude import floor_mask  # magnitude imports this module
+
+        return {name: floor_mask(weights[name], keep, keeps.get(name), min_remaining) for name, keep in decided.items()}
+
     @abstractmethod
     def select(self, weights: Weights, keeps: Keeps, levels: Levels, context: PruneContext) -> dict[str, Decision]:
         """Decide which connections survive.
@@ -235,8 +290,8 @@ def registered_criteria() -> dict[str, type[Criterion]]:
 
     Example::
 
-        >>> sorted(registered_criteria())[:3]
-        ['fraction', 'global', 'std']
+        >>> sorted(registered_criteria())
+        ['fraction', 'global', 'nm', 'std', 'structured_fraction', 'structured_global', 'structured_std']
     """
     return dict(_REGISTRY)
 

@@ -36,11 +36,19 @@ __all__ = [
     "STD_OF",
     "Fraction",
     "Global",
+    "ShareCriterion",
     "Std",
     "StdOf",
+    "floor_count",
     "floor_mask",
     "fraction_mask",
+    "global_keep",
     "global_masks",
+    "keep_share",
+    "keep_top",
+    "largest_pruned",
+    "magnitude_scores",
+    "rule_std",
     "std_mask",
     "surviving_std",
 ]
@@ -49,22 +57,42 @@ StdOf = Literal["dense", "surviving"]
 STD_OF: tuple[str, ...] = ("dense", "surviving")
 
 
-def _scores(weight: Tensor, keep: Tensor | None) -> Tensor:
-    """Magnitudes as float32, with already pruned entries below every real magnitude."""
+def magnitude_scores(weight: Tensor, keep: Tensor | None) -> Tensor:
+    """Magnitudes as float32, with already pruned entries (``keep`` False) at ``-1``, below every real magnitude.
+
+    Example::
+
+        >>> magnitude_scores(torch.tensor([0.5, -2.0]), torch.tensor([True, False]))
+        tensor([ 0.5000, -1.0000])
+    """
     scores = weight.detach().abs().float()
     if keep is not None:
         scores = scores.masked_fill(~keep, -1.0)
     return scores
 
 
-def _keep_top(scores: Tensor, n_keep: int) -> Tensor:
+def keep_top(scores: Tensor, n_keep: int) -> Tensor:
+    """A mask of ``scores``' shape keeping its ``n_keep`` largest entries (ties broken by :func:`torch.topk`).
+
+    Example::
+
+        >>> keep_top(torch.tensor([0.5, -1.0, 2.0]), 2)
+        tensor([ True, False,  True])
+    """
     keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if n_keep > 0:
         keep[torch.topk(scores.flatten(), n_keep, sorted=False).indices] = True
     return keep.view_as(scores)
 
 
-def _largest_pruned(scores: Tensor, keep: Tensor) -> float:
+def largest_pruned(scores: Tensor, keep: Tensor) -> float:
+    """The largest score ``keep`` prunes (0 when it prunes none, or only entries pruned before, scored ``-1``).
+
+    Example::
+
+        >>> largest_pruned(torch.tensor([0.5, -1.0, 2.0]), torch.tensor([False, False, True]))
+        0.5
+    """
     pruned = scores[~keep]
     return float(pruned.max().clamp_min(0.0)) if pruned.numel() else 0.0
 
@@ -81,6 +109,19 @@ def surviving_std(weight: Tensor, keep: Tensor | None = None) -> float:
     if keep is not None:
         values = values[keep]
     return float(values.std()) if values.numel() > 1 else 0.0
+
+
+def rule_std(std_of: StdOf, name: str, weight: Tensor, keeps: Keeps, context: PruneContext) -> float:
+    """The std a ``quality x std`` rule scales by: the dense one from ``context``, or that of the surviving weights.
+
+    Example::
+
+        >>> context = PruneContext(dense_std={"w": 2.0}, layer_of={"w": "fc"})
+        >>> w = torch.tensor([1.0, 3.0, 100.0])
+        >>> rule_std("dense", "w", w, {}, context), rule_std("surviving", "w", w, {"w": w < 10}, context)
+        (2.0, 1.4142...)
+    """
+    return context.dense_std[name] if std_of == "dense" else surviving_std(weight, keeps.get(name))
 
 
 def std_mask(weight: Tensor, quality: float, std: float, keep: Tensor | None = None) -> tuple[Tensor, float]:
@@ -127,11 +168,41 @@ def fraction_mask(weight: Tensor, amount: float, keep: Tensor | None = None) -> 
         >>> fraction_mask(torch.tensor([0.1, -0.5, 2.0, -3.0]), amount=0.5)
         (tensor([False, False,  True,  True]), 0.5)
     """
-    scores = _scores(weight, keep)
-    alive = scores.numel() if keep is None else int(keep.sum())
-    n_keep = min(alive, scores.numel() - round(amount * scores.numel()))
-    new = _keep_top(scores, n_keep)
-    return new, _largest_pruned(scores, new)
+    scores = magnitude_scores(weight, keep)
+    new = keep_share(scores, amount)
+    return new, largest_pruned(scores, new)
+
+
+def keep_share(scores: Tensor, amount: float) -> Tensor:
+    """Keep the largest ``scores`` so that ``round(amount * numel)`` of them are pruned, counting those pruned before.
+
+    Entries scored below 0 are pruned already and stay pruned; if more than that share are, nothing more is.
+
+    Example::
+
+        >>> keep_share(torch.tensor([0.3, -1.0, 2.0, 1.0]), 0.5)
+        tensor([False, False,  True,  True])
+    """
+    alive = int((scores >= 0).sum())
+    return keep_top(scores, min(alive, scores.numel() - round(amount * scores.numel())))
+
+
+def global_keep(scores: Mapping[str, Tensor], amount: float) -> tuple[dict[str, Tensor], float]:
+    """:func:`keep_share` over several tensors of scores at once: one cut for all of them.
+
+    Returns:
+        The masks by name (each on its scores' device) and the largest score pruned.
+
+    Example::
+
+        >>> global_keep({"a": torch.tensor([1.0, 4.0]), "b": torch.tensor([2.0, 3.0])}, 0.5)
+        ({'a': tensor([False,  True]), 'b': tensor([False,  True])}, 2.0)
+    """
+    flat = torch.cat([s.flatten().cpu() for s in scores.values()])
+    kept = keep_share(flat, amount)
+    pieces = kept.split([s.numel() for s in scores.values()])
+    masks = {name: piece.view_as(s).to(s.device) for (name, s), piece in zip(scores.items(), pieces, strict=True)}
+    return masks, largest_pruned(flat, kept)
 
 
 def global_masks(
@@ -154,13 +225,7 @@ def global_masks(
         (tensor([False,  True]), tensor([False,  True]), 2.0)
     """
     keeps = keeps or {}
-    scores = {name: _scores(w, keeps.get(name)) for name, w in weights.items()}
-    flat = torch.cat([s.flatten().cpu() for s in scores.values()])
-    alive = int((flat >= 0).sum())
-    kept = _keep_top(flat, min(alive, flat.numel() - round(amount * flat.numel())))
-    pieces = kept.split([s.numel() for s in scores.values()])
-    masks = {name: piece.view_as(s).to(s.device) for (name, s), piece in zip(scores.items(), pieces, strict=True)}
-    return masks, _largest_pruned(flat, kept)
+    return global_keep({name: magnitude_scores(w, keeps.get(name)) for name, w in weights.items()}, amount)
 
 
 def floor_mask(weight: Tensor, new: Tensor, keep: Tensor | None, min_remaining: float) -> Tensor:
@@ -173,12 +238,22 @@ def floor_mask(weight: Tensor, new: Tensor, keep: Tensor | None, min_remaining: 
         >>> floor_mask(torch.tensor([0.1, -0.5, 2.0, -3.0]), torch.zeros(4, dtype=torch.bool), None, 0.25)
         tensor([False, False, False,  True])
     """
-    scores = _scores(weight, keep)
-    alive = scores.numel() if keep is None else int(keep.sum())
-    n_min = min(alive, max(1, math.ceil(min_remaining * scores.numel() - 1e-9)))
+    scores = magnitude_scores(weight, keep)
+    n_min = floor_count(scores.numel(), scores.numel() if keep is None else int(keep.sum()), min_remaining)
     if int(new.sum()) >= n_min:
         return new
-    return _keep_top(scores, n_min)
+    return keep_top(scores, n_min)
+
+
+def floor_count(total: int, alive: int, min_remaining: float) -> int:
+    """What a floor keeps: ``ceil(min_remaining * total)`` and at least one, but no more than are ``alive``.
+
+    Example::
+
+        >>> floor_count(10, 8, 0.25), floor_count(10, 2, 0.5), floor_count(10, 8, 0.0)
+        (3, 2, 1)
+    """
+    return min(alive, max(1, math.ceil(min_remaining * total - 1e-9)))
 
 
 @register_criterion
@@ -212,8 +287,9 @@ class Std(Criterion):
         """``|w| > quality * std`` for each parameter, the std as ``std_of`` says."""
         out = {}
         for name, weight in weights.items():
-            std = context.dense_std[name] if self.std_of == "dense" else surviving_std(weight, keeps.get(name))
-            keep, threshold = std_mask(weight, levels[name], std, keeps.get(name))
+            keep, threshold = std_mask(
+                weight, levels[name], rule_std(self.std_of, name, weight, keeps, context), keeps.get(name)
+            )
             out[name] = Decision(
                 keep, threshold, f"{levels[name]:.2f} x std" + " (surviving)" * (self.std_of != "dense")
             )
@@ -224,8 +300,8 @@ class Std(Criterion):
         return f"Std({self._settings()}, std_of={self.std_of!r})"
 
 
-class _Share(Criterion):
-    """A rule whose level is a share of weights pruned, in ``[0, 1]``."""
+class ShareCriterion(Criterion):
+    """A rule whose level is a share pruned, in ``[0, 1]`` (of weights, or of units for a structured rule)."""
 
     level_name = "amount"
 
@@ -235,7 +311,7 @@ class _Share(Criterion):
 
 
 @register_criterion
-class Fraction(_Share):
+class Fraction(ShareCriterion):
     """Prune the smallest ``amount`` of each layer (its target sparsity, counting connections pruned before).
 
     Args:
@@ -266,7 +342,7 @@ class Fraction(_Share):
 
 
 @register_criterion
-class Global(_Share):
+class Global(ShareCriterion):
     """Prune the smallest ``amount`` of all selected weights together: one magnitude threshold for every layer.
 
     Args:

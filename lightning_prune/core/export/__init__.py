@@ -38,12 +38,19 @@ writes the same sealed container.
 The package by job: :mod:`~lightning_prune.core.export.container` (the sealed safetensors container,
 shared with shrunk checkpoints), :mod:`~lightning_prune.core.export.positions` (position codes),
 :mod:`~lightning_prune.core.export.values` (value codecs), :mod:`~lightning_prune.core.export.sparse_file`
-(writing, loading and measuring sparse files) and :mod:`~lightning_prune.core.export.inference` (CSR layers).
+(writing, loading and measuring sparse files), :mod:`~lightning_prune.core.export.inference` (CSR layers)
+and :mod:`~lightning_prune.core.export.semi_structured` (2:4 ``Linear`` layers for sparse tensor cores).
 """
 
 from lightning_prune.core.export.container import SparseFormatError
 from lightning_prune.core.export.inference import SparseLinear, to_sparse_linear
 from lightning_prune.core.export.positions import position_sizes
+from lightning_prune.core.export.semi_structured import (
+    SEMI_STRUCTURED_DTYPES,
+    SemiStructuredReport,
+    semi_structured_problems,
+    to_semi_structured,
+)
 from lightning_prune.core.export.sparse_file import (
     FORMAT,
     VERSION,
@@ -57,7 +64,9 @@ from lightning_prune.core.export.sparse_file import (
 
 __all__ = [
     "FORMAT",
+    "SEMI_STRUCTURED_DTYPES",
     "VERSION",
+    "SemiStructuredReport",
     "SparseFormatError",
     "SparseLinear",
     "SparseSizeReport",
@@ -66,6 +75,8 @@ __all__ = [
     "load_sparse",
     "load_sparse_into",
     "position_sizes",
+    "semi_structured_problems",
     "sparse_size_report",
+    "to_semi_structured",
     "to_sparse_linear",
 ]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from lightning_prune.core.criteria import Criterion, PruneContext, checked_decisions, get_criterion, surviving_std
-from lightning_prune.core.selection import select_parameters
+from lightning_prune.core.selection import Target, select_targets
 from lightning_prune.core.sensitivity.evaluation import Batch, EvalData, accuracy, nbytes
 from lightning_prune.core.sensitivity.result import SensitivityResult, SensitivityRow
 from lightning_prune.core.sensitivity.split import GraphSplit
@@ -115,7 +115,8 @@ def sweep(
         batches: ``(inputs, targets)`` pairs, read once and kept (materialized into a list).
         levels: Increasing levels the criterion accepts: qualities ``>= 0`` (``"std"``), shares in
             ``[0, 1]`` (``"fraction"``); ``None``: the criterion's ``sweep_levels``.
-        layers: Glob patterns over module names, as for the pruner; ``None``: every Linear and Conv.
+        layers: Glob patterns over module or parameter names, as for the pruner; ``None``: every
+            multiply-accumulate weight. A layer's targets (an attention block's q, k and v) are pruned together.
             Only weights are pruned.
         criterion: A criterion that levels each layer on its own (``per_layer``): a name (``"std"``,
             ``"fraction"``), a :class:`~lightning_prune.core.criteria.Criterion`, your own included.
@@ -165,8 +166,8 @@ def sweep(
             result.baseline = run.data.evaluate(run.eager)
         if cache_bytes != 0 and names:
             run.traced = _traced_or_warn(model, run.data)
-        for layer, name in names.items():
-            result.rows.extend(_sweep_layer(run, layer, name))
+        for layer, targets in names.items():
+            result.rows.extend(_sweep_layer(run, layer, targets))
         if run.problems:
             warnings.warn(
                 f"The torch.fx split of {type(model).__name__} failed for {len(run.problems)} layer(s) (first: "
@@ -192,14 +193,16 @@ def _check_arguments(metric: Any, shard: Any, cache_bytes: Any) -> None:
         raise ValueError(f"`cache_bytes` must be None or an integer >= 0, got {cache_bytes!r}.")
 
 
-def _swept_layers(model: nn.Module, layers: Sequence[str] | None, shard: tuple[int, int]) -> dict[str, str]:
-    """``{layer: weight name}`` of the shard's layers, in module order; their weights must be finite."""
-    selected = select_parameters(model, layers)
-    names = {layer: name for name, layer in selected.items()}
-    mine = {layer: names[layer] for layer in list(names)[shard[0] :: shard[1]]}
-    for name in mine.values():
-        if not torch.isfinite(model.get_parameter(name).detach()).all():
-            raise ValueError(f"Parameter {name!r} holds NaN or inf values; its sensitivity cannot be measured.")
+def _swept_layers(model: nn.Module, layers: Sequence[str] | None, shard: tuple[int, int]) -> dict[str, list[Target]]:
+    """``{layer: its targets}`` of the shard's layers, in module order; their weights must be finite."""
+    by_layer: dict[str, list[Target]] = {}
+    for target in select_targets(model, layers):
+        by_layer.setdefault(target.layer, []).append(target)
+    mine = {layer: by_layer[layer] for layer in list(by_layer)[shard[0] :: shard[1]]}
+    with torch.no_grad():
+        for target in (t for ts in mine.values() for t in ts):
+            if not torch.isfinite(target.weight(model)).all():
+                raise ValueError(f"Parameter {target.name!r} holds NaN or inf; its sensitivity cannot be measured.")
     return mine
 
 
@@ -238,7 +241,7 @@ def _kept_on(model: nn.Module, device: torch.device | str | None) -> Iterator[to
 
 
 def _empty_result(
-    model: nn.Module, names: dict[str, str], rule: Criterion, metric: Any, higher_is_better: bool
+    model: nn.Module, names: dict[str, list[Target]], rule: Criterion, metric: Any, higher_is_better: bool
 ) -> SensitivityResult:
     return SensitivityResult(
         baseline=math.nan,
@@ -247,7 +250,7 @@ def _empty_result(
         level_name=rule.level_name,
         metric_name=getattr(metric, "__name__", type(metric).__name__),
         higher_is_better=bool(higher_is_better),
-        shapes={layer: list(model.get_parameter(name).shape) for layer, name in names.items()},
+        shapes={layer: _shape(model, targets) for layer, targets in names.items()},
     )
 
 
@@ -293,18 +296,36 @@ class _Run:
         return self.model(self.data.input(i))
 
 
-def _sweep_layer(run: _Run, layer: str, name: str) -> list[SensitivityRow]:
-    """One row per level of ``layer`` pruned alone; its weight is put back."""
-    weight = run.model.get_parameter(name)
-    saved = weight.detach().clone()
+def _shape(model: nn.Module, targets: list[Target]) -> list[int]:
+    """The shape the result records for a layer: its parameter's, or ``[entries]`` for several parameters."""
+    params = list(dict.fromkeys(t.param for t in targets))
+    if len(params) == 1:
+        return list(model.get_parameter(params[0]).shape)
+    return [sum(model.get_parameter(p).numel() for p in params)]
+
+
+def _prune_layer(run: _Run, layer: str, targets: list[Target], saved: dict[str, Tensor], level: float) -> float:
+    """Put the saved weights back, prune every target of ``layer`` at ``level``; the share of entries pruned."""
+    params = {name: run.model.get_parameter(name) for name in saved}
+    for name, param in params.items():
+        param.copy_(saved[name])
+    keeps = [_mask(run.criterion, t.name, layer, t.weight(run.model).detach(), level) for t in targets]
+    for target, keep in zip(targets, keeps, strict=True):
+        param = params[target.param]
+        (param if target.rows is None else param[target.rows[0] : target.rows[1]]).masked_fill_(~keep, 0.0)
+    return 1.0 - sum(int(k.sum()) for k in keeps) / sum(k.numel() for k in keeps)
+
+
+def _sweep_layer(run: _Run, layer: str, targets: list[Target]) -> list[SensitivityRow]:
+    """One row per level of ``layer`` (all its targets) pruned alone; its weights are put back."""
+    saved = {t.param: run.model.get_parameter(t.param).detach().clone() for t in targets}
     eager = forward = run.eager
     if run.traced is not None:
-        forward = _split_forward(run, layer, weight) or eager
+        forward = _split_forward(run, layer, [run.model.get_parameter(p) for p in saved]) or eager
     rows = []
     try:
         for level in run.levels:
-            keep = _mask(run.criterion, name, layer, saved, level)
-            weight.copy_(saved).masked_fill_(~keep, 0.0)
+            share = _prune_layer(run, layer, targets, saved, level)
             try:
                 value = run.data.evaluate(forward)
             except Exception as err:
@@ -313,18 +334,19 @@ def _sweep_layer(run: _Run, layer: str, name: str) -> list[SensitivityRow]:
                 run.problems.append(f"{layer}: {type(err).__name__}: {err}")
                 forward = eager
                 value = run.data.evaluate(forward)
-            rows.append(SensitivityRow(layer, level, 1.0 - int(keep.sum()) / keep.numel(), value))
+            rows.append(SensitivityRow(layer, level, share, value))
             if run.progress is not None:
                 run.progress(layer, level, value)
     finally:
-        weight.copy_(saved)
+        for name, value in saved.items():
+            run.model.get_parameter(name).copy_(value)
     return rows
 
 
-def _split_forward(run: _Run, layer: str, weight: Tensor) -> Callable[[int], Any] | None:
+def _split_forward(run: _Run, layer: str, weights: list[Tensor]) -> Callable[[int], Any] | None:
     """Forward passes from ``layer`` on, over its cut values kept per batch; ``None``: run the model whole."""
     try:
-        owners = {n for n, m in run.model.named_modules(remove_duplicate=False) if _holds(m, weight)}
+        owners = {n for n, m in run.model.named_modules(remove_duplicate=False) if any(_holds(m, w) for w in weights)}
         split = GraphSplit(run.traced, owners)
         cache: list[tuple[Any, ...]] = []
         for i in range(len(run.data.inputs)):

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from registry_names import REGISTERED
 from torch import nn
 
 import lightning_prune.core.criteria.base as base
@@ -20,6 +21,7 @@ from lightning_prune.core.pruner import Pruner, PruningError
 from lightning_prune.core.sensitivity import SensitivityResult, SensitivityRow
 
 WEIGHTS = ["0.weight", "2.weight", "4.weight"]
+BUILT_INS = ["fraction", "global", "nm", "std", "structured_fraction", "structured_global", "structured_std"]
 
 
 def make_net(seed: int = 0) -> nn.Sequential:
@@ -166,7 +168,7 @@ def test_registering_a_class_without_a_name_is_refused(registry):
         register_criterion(nn.Linear)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"register_criterion takes a Criterion subclass"):
         register_criterion(Std())  # type: ignore[arg-type]
-    assert sorted(registered_criteria()) == ["fraction", "global", "std"]
+    assert sorted(registered_criteria()) == sorted(BUILT_INS)
 
 
 def test_criterion_is_abstract():
@@ -216,13 +218,13 @@ def test_get_criterion_of_a_registered_user_class(largest):
 @pytest.mark.parametrize(
     ("spec", "match"),
     [
-        ("l1", r"`criterion` must be a registered name \(fraction, global, std\) or the dotted path of a Criterion "
+        ("l1", r"`criterion` must be a registered name " + REGISTERED + r" or the dotted path of a Criterion "
                r"subclass, got 'l1'"),
         ("no.such.module.Std", r"`criterion` 'no\.such\.module\.Std' cannot be imported \(No module named 'no'\)"),
         ("lightning_prune.NoSuch", r"`criterion` 'lightning_prune\.NoSuch' cannot be imported"),
         ("torch.nn.Linear", r"or the dotted path of a Criterion subclass, got 'torch\.nn\.Linear'"),
         ("lightning_prune.core.criteria.base.LevelSpec", r"dotted path of a Criterion subclass"),
-        (42, r"`criterion` must be a registered name \(fraction, global, std\), the dotted path of a Criterion "
+        (42, r"`criterion` must be a registered name " + REGISTERED + r", the dotted path of a Criterion "
              r"subclass, or a Criterion object, got 42"),
         (None, r"or a Criterion object, got None"),
         ({"init_args": {"quality": 1.0}}, r"or a Criterion object, got \{'init_args'"),
@@ -386,7 +388,8 @@ def test_user_criterion_receives_weights_keeps_levels_and_context(largest):
     pruner.prune(Recording(100), layers=["2"])
     weights, keeps, levels, context = seen[-1]
     assert list(weights) == ["2.weight", "2.bias"]
-    assert weights["2.weight"] is pruner.parameter("2.weight")
+    param = pruner.parameter("2.weight")
+    assert weights["2.weight"].data_ptr() == param.data_ptr() and not weights["2.weight"].requires_grad
     assert keeps == {"2.weight": None, "2.bias": None}
     assert levels == {"2.weight": 100.0, "2.bias": 100.0}
     assert context.layer_of == {"2.weight": "2", "2.bias": "2"}
