@@ -23,7 +23,6 @@ from torch.optim import Optimizer
 from lightning_prune import reporting
 from lightning_prune.checkpoint import STATE_VERSION, record_checksums, upgrade_state, verify_recorded
 from lightning_prune.core.criteria import Criterion, get_criterion
-from lightning_prune.core.dropout import layer_counts
 from lightning_prune.core.guard import Guard, GuardController, Verdict
 from lightning_prune.core.pruner import Pruner
 from lightning_prune.core.schedule import Round, Schedule
@@ -36,6 +35,7 @@ from lightning_prune.dropout import DropoutControl
 from lightning_prune.fit_checks import check_rounds, check_sensitivity, check_shrink, check_strategy, clips_by_norm
 from lightning_prune.phase import RetrainingPhase
 from lightning_prune.sensitivity import analyze_before_pruning
+from lightning_prune.sharded_checkpoint import load_sharded_masks, save_masks
 
 __all__ = ["PruneRetrainCallback"]
 
@@ -198,7 +198,9 @@ class PruneRetrainCallback(Callback):
         self.bind(pl_module)
         assert self.pruner is not None
         check_rounds(self.pruner, self.schedule, pl_module)
-        check_strategy(trainer, self.schedule)
+        check_strategy(
+            trainer, self.schedule, sensitivity=self.sensitivity_settings is not None, shrink_at_end=self.shrink_at_end
+        )
         check_shrink(self.shrink_at_end, pl_module)
         if not self.schedule.in_one_fit:
             round_ = self.schedule.active  # freeze before the strategy wraps the model: DDP registers what trains
@@ -230,7 +232,7 @@ class PruneRetrainCallback(Callback):
         assert self.pruner is not None
         self.phase.enter(trainer, pl_module, self.schedule.active)
         if self.dropout is not None:
-            self.dropout.apply(layer_counts(self.pruner.masks, self.pruner.layer_of))
+            self.dropout.apply(self.pruner.layer_counts())
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Close the round in force (summary, guard), then run the rounds due at this epoch."""
@@ -281,7 +283,7 @@ class PruneRetrainCallback(Callback):
             if notice is not None:
                 rank_zero_info(notice)
         stats = self.pruner.prune(**round_.prune_kwargs())
-        if trainer.world_size > 1:  # decided once: every rank takes rank zero's masks and statistics
+        if trainer.world_size > 1 and not self.pruner.sharded:  # every rank takes rank zero's masks and statistics
             stats = _take_rank_zeros_masks(trainer, self.pruner) or stats
         self.schedule.mark_done(k)
         self._enter_phase(trainer, pl_module)
@@ -317,7 +319,7 @@ class PruneRetrainCallback(Callback):
     def _end_trace(self, trainer: pl.Trainer) -> None:
         if self.dropout is not None and self.dropout.end_trace(trainer):
             assert self.pruner is not None
-            self.dropout.apply(layer_counts(self.pruner.masks, self.pruner.layer_of))
+            self.dropout.apply(self.pruner.layer_counts())
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -393,13 +395,21 @@ class PruneRetrainCallback(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Record CRCs of the checkpoint's weights and of the masks in this callback's state."""
+        """Record CRCs of the checkpoint's weights and of the masks; sharded masks go beside the weights' shards."""
+        if (
+            self.pruner is not None
+            and self.pruner.sharded
+            and save_masks(trainer, self.pruner, checkpoint, self.state_key)
+        ):
+            return
         record_checksums(checkpoint, self.state_key)
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Refuse a checkpoint whose weights or masks changed since it was written (a corrupt file)."""
+        """Read sharded masks back; refuse a checkpoint whose weights or masks changed since it was written."""
+        if self.pruner is not None:
+            load_sharded_masks(trainer, self.pruner, checkpoint, self.state_key)
         verify_recorded(checkpoint, self.state_key, trainer.ckpt_path or "the checkpoint")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

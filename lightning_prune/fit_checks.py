@@ -9,7 +9,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
-from lightning_prune.core.criteria import Criterion
+from lightning_prune.core.criteria import Criterion, get_criterion
 from lightning_prune.core.freezing import trainable_parameters
 from lightning_prune.core.pruner import Pruner
 from lightning_prune.core.schedule import Schedule
@@ -17,8 +17,6 @@ from lightning_prune.core.settings import Sensitivity
 from lightning_prune.core.validation import check_levels
 
 __all__ = ["check_rounds", "check_sensitivity", "check_shrink", "check_strategy", "clips_by_norm"]
-
-_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 
 def check_sensitivity(settings: Sensitivity, criterion: Criterion) -> None:
@@ -44,14 +42,23 @@ def check_rounds(pruner: Pruner, schedule: Schedule, model: pl.LightningModule) 
             raise ValueError(f"rounds[{index}]: {err}") from err
 
 
-def check_strategy(trainer: pl.Trainer, schedule: Schedule) -> None:
-    """Sharded strategies are refused; ``train_only`` inside one DDP fit needs ``find_unused_parameters``."""
+def check_strategy(
+    trainer: pl.Trainer, schedule: Schedule, *, sensitivity: bool = False, shrink_at_end: bool = False
+) -> None:
+    """The strategy supports these settings; ``train_only`` inside one DDP fit needs ``find_unused_parameters``.
+
+    ``ModelParallelStrategy`` (FSDP2) is supported with the shardable criteria, without a sensitivity
+    sweep and without ``shrink_at_end``; ``FSDPStrategy`` (FSDP1) and DeepSpeed are refused.
+    """
     strategy = trainer.strategy
-    if isinstance(strategy, _SHARDED):
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
         raise ValueError(
-            f"PruneRetrainCallback does not support {type(strategy).__name__} yet: it shards parameters, and "
-            f"pruning shards by magnitude would be wrong. Use strategy='ddp' (or a single device)."
+            f"PruneRetrainCallback does not support {type(strategy).__name__}: it flattens parameters into shards "
+            f"that do not follow the weights' rows. Shard with FSDP2 instead: strategy=ModelParallelStrategy(...) "
+            f"and fully_shard(...) in configure_model (docs/cli-and-ddp.md, FSDP), or use strategy='ddp'."
         )
+    if isinstance(strategy, ModelParallelStrategy):
+        _check_sharded(schedule, sensitivity=sensitivity, shrink_at_end=shrink_at_end)
     unused = getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)
     one_fit_ddp = isinstance(strategy, DDPStrategy) and not unused and schedule.in_one_fit
     if one_fit_ddp and any(r.train_only is not None for r in schedule.rounds):
@@ -59,6 +66,28 @@ def check_strategy(trainer: pl.Trainer, schedule: Schedule) -> None:
             "Rounds with `train_only` inside one fit under DDP need "
             "strategy='ddp_find_unused_parameters_true' (DDP fixes the set of trained parameters when it "
             "wraps the model), or run each round as its own fit with lightning_prune.fit_rounds."
+        )
+
+
+def _check_sharded(schedule: Schedule, *, sensitivity: bool, shrink_at_end: bool) -> None:
+    """What a fit under ModelParallelStrategy cannot do yet."""
+    for index, round_ in enumerate(schedule.rounds):
+        criterion = get_criterion(round_.prune_kwargs()["criterion"])
+        if not criterion.shardable:
+            raise ValueError(
+                f"rounds[{index}]: criterion {criterion.describe()} cannot prune sharded parameters under "
+                f"ModelParallelStrategy; use Std, Fraction or Global (exact across shards)."
+            )
+    if sensitivity:
+        raise ValueError(
+            "`sensitivity` is not supported under ModelParallelStrategy: run the sweep on one device "
+            "(lightning-prune sensitivity) and give its quality file to the criterion."
+        )
+    if shrink_at_end:
+        raise ValueError(
+            "`shrink_at_end=True` is not supported under ModelParallelStrategy: save a full checkpoint "
+            "(ModelParallelStrategy(save_distributed_checkpoint=False)) and remove dead units from it on one "
+            "process (lightning-prune export --shrink true)."
         )
 
 

@@ -158,6 +158,16 @@ class _Run:
         return PhaseResult(name, epochs, self.directory / f"{name}.ckpt", remaining, total, metrics, rejected=rejected)
 
 
+def _copy_checkpoint(source: Path, target: Path) -> None:
+    """Copy a checkpoint: a file, or the folder of a sharded one (``ModelParallelStrategy``), replacing ``target``."""
+    if target.is_dir():
+        shutil.rmtree(target)
+    if source.is_dir():
+        shutil.copytree(source, target)
+    else:
+        shutil.copyfile(source, target)
+
+
 def _run_phase(run: _Run, name: str, index: int | None, epochs: int) -> PhaseResult:
     """Fit one phase until the guard keeps it (retrying it as the guard says); the phase's result."""
     callback = run.callback
@@ -172,7 +182,7 @@ def _run_phase(run: _Run, name: str, index: int | None, epochs: int) -> PhaseRes
         verdict = callback.judge_round(run.model, index, metrics) if index is not None and callback.has_guard else None
         if verdict is None or verdict.action == "keep":
             if trainer.is_global_zero:
-                shutil.copyfile(run.directory / name / "last.ckpt", run.directory / f"{name}.ckpt")
+                _copy_checkpoint(run.directory / name / "last.ckpt", run.directory / f"{name}.ckpt")
             trainer.strategy.barrier("fit_rounds")
             return run.result(name, epochs, metrics)
         if trainer.is_global_zero:

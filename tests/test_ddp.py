@@ -106,7 +106,7 @@ def test_ddp_spawn_gives_identical_masks(tmp_path):
 def test_sharded_strategies_are_refused(strategy):
     prune = PruneRetrainCallback(prune_epochs=[1])
     fake = SimpleNamespace(strategy=strategy.__new__(strategy))
-    with pytest.raises(ValueError, match=rf"does not support {strategy.__name__} yet: it shards parameters"):
+    with pytest.raises(ValueError, match=rf"does not support {strategy.__name__}: it flattens parameters into shards"):
         check_strategy(fake, prune.schedule)
 
 

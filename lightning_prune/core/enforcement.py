@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.core.masks import MaskPairs, mask_gradients, mask_weights, multiplier, zero_optimizer_state
+from lightning_prune.core.sharding import local
 
 __all__ = ["ZERO_PRESERVING", "Enforcer"]
 
@@ -150,7 +151,7 @@ class Enforcer:
         sentinels = self._sentinels.get(id(optimizer))
         if sentinels is None:
             sentinels = self._sentinels[id(optimizer)] = [tuple((mult == 0).nonzero()[0].tolist()) for _, mult in pairs]
-        values = [p.grad[i] for (p, _), i in zip(pairs, sentinels, strict=True) if p.grad is not None]
+        values = [local(p.grad)[i] for (p, _), i in zip(pairs, sentinels, strict=True) if p.grad is not None]
         return not values or not bool(torch.stack([v.to(values[0].device) for v in values]).ne(0).any())
 
     def _mask_at_step(self, optimizer: torch.optim.Optimizer) -> None:

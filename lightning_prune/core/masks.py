@@ -8,6 +8,9 @@ held. A floating-point multiply would not do: ``NaN * 0`` and ``inf * 0`` are ``
 gradient at a pruned entry would turn its weight and optimizer state into ``NaN``. The integer multiply
 runs as fast as the float one, and much faster than ``torch.where`` or ``masked_fill_`` on CPU
 (``docs/benchmarks.md``).
+
+A parameter sharded by FSDP2 (a ``DTensor``) is masked through its local shard: its mask, its gradient's
+and its optimizer state's shards are all shaped alike, and nothing is gathered.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from lightning_prune.core.sharding import local
 
 __all__ = [
     "CHUNK",
@@ -108,7 +113,7 @@ def mask_weights(pairs: Iterable[tuple[Tensor, Tensor]]) -> None:
         tensor([1., 0., 1.])
     """
     for param, mult in pairs:
-        enforce(param, mult)
+        enforce(local(param), mult)
 
 
 @torch.no_grad()
@@ -125,7 +130,7 @@ def mask_gradients(pairs: Iterable[tuple[Tensor, Tensor]]) -> None:
     """
     for param, mult in pairs:
         if param.grad is not None:
-            enforce(param.grad, mult)
+            enforce(local(param.grad), mult)
 
 
 @torch.no_grad()
@@ -155,6 +160,6 @@ def zero_optimizer_state(optimizer: torch.optim.Optimizer, masks: Mapping[Tensor
     for param, keep in masks.items():
         for value in optimizer.state.get(param, {}).values():
             if isinstance(value, Tensor) and value.shape == param.shape:
-                enforce(value, multiplier(keep.to(value.device)))
+                enforce(local(value), multiplier(keep.to(local(value).device)))
                 count += 1
     return count

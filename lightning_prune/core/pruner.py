@@ -14,12 +14,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.core.collective import Collective, count_true
 from lightning_prune.core.criteria import Criterion, Decision, LevelSpec, PruneContext, checked_decisions, get_criterion
 from lightning_prune.core.criteria.magnitude import surviving_std
 from lightning_prune.core.enforcement import Enforcer
 from lightning_prune.core.masks import check_mask
 from lightning_prune.core.report import LayerStats
 from lightning_prune.core.selection import Target, resolve_per_target, select_targets
+from lightning_prune.core.sharding import any_true, collective_of, is_sharded, local, local_mask, local_rows
 from lightning_prune.core.validation import check_fraction
 
 __all__ = ["Pruner", "PruningError"]
@@ -38,6 +40,11 @@ class Pruner:
     statistics (dense std, threshold, rule) are kept per target. The model itself is never
     re-parametrized: pruned weights are plain zeros in ordinary tensors, so its ``state_dict`` stays
     that of the unmodified module.
+
+    Parameters sharded by FSDP2 (``DTensor``, rows split over processes) are pruned shard by shard:
+    each mask is this process's shard of the whole mask, decided with statistics all-reduced over the
+    shards (:mod:`lightning_prune.core.sharding`), so the masks are those one process would compute on
+    the whole weights. Every process must then call :meth:`prune` and :meth:`set_masks` together.
 
     Args:
         model: The network to prune.
@@ -64,6 +71,7 @@ class Pruner:
         self.dense_std: dict[str, float] = {}
         self.thresholds: dict[str, float] = {}
         self.rules: dict[str, str] = {}
+        self._alive: dict[str, int] = {}
         self.enforcer = Enforcer(self._masks, self.parameter)
 
     @property
@@ -125,20 +133,57 @@ class Pruner:
         rule = get_criterion(criterion)
         levels = self.check(rule, level, min_remaining=min_remaining, layers=layers)
         floor = min_remaining if min_remaining is not None else rule.min_remaining
-        with torch.no_grad():
-            weights = {name: self.targets[name].weight(self.model).detach() for name in levels}
-        _check_finite(weights)
+        collective = self._collective(rule, levels)
+        weights = {name: self._weight(name) for name in levels}
+        _check_finite(weights, collective)
         keeps = {name: self._keep(name) for name in weights}
-        stds = {n: self.dense_std[n] if n in self.dense_std else surviving_std(w) for n, w in weights.items()}
-        context = PruneContext(dense_std=stds, layer_of={n: self.targets[n].layer for n in weights})
+        stds = {
+            n: self.dense_std[n] if n in self.dense_std else surviving_std(w, None, collective)
+            for n, w in weights.items()
+        }
+        context = PruneContext(stds, {n: self.targets[n].layer for n in weights}, collective)
         copies = {n: None if k is None else k.clone() for n, k in keeps.items()}  # the criterion cannot edit masks
         decisions = _checked(rule, rule.select(weights, copies, levels, context), weights, keeps)
         if floor is not None:
             decisions = _floored(rule, decisions, rule.floor(weights, copies, _keeps(decisions), floor, context))
             decisions = _checked(rule, decisions, weights, keeps)
-        new = {name: self._not_emptied(name, d, weights[name]) for name, d in decisions.items()}
-        self._commit(new, decisions, stds)
+        new = {name: self._not_emptied(name, d, weights[name], collective) for name, d in decisions.items()}
+        self._commit(new, decisions, stds, collective)
         return self.stats()
+
+    def _collective(self, rule: Criterion, names: Sequence[str]) -> Collective:
+        """The processes whose shards make up the parameters of ``names``; refuses what cannot prune shards."""
+        params = [self.parameter(self.targets[name].param) for name in names]
+        collective = collective_of(params)
+        if collective.world_size > 1 or any(is_sharded(p) for p in params):
+            if not rule.shardable:
+                raise ValueError(
+                    f"Criterion {rule.describe()} cannot prune sharded (FSDP) parameters: it is not `shardable`. "
+                    f"Use Std, Fraction or Global, whose thresholds are exact across shards."
+                )
+            refused = [name for name in names if self.targets[name].value is not None]
+            if refused:
+                raise ValueError(
+                    f"Target {refused[0]!r} is a parametrization's weight, which cannot be pruned sharded (FSDP): "
+                    f"remove the parametrization or leave the layer out with `layers`."
+                )
+        return collective
+
+    def _weight(self, name: str) -> Tensor:
+        """What the criterion judges for target ``name``: its tensor, or this process's rows of it if sharded."""
+        target = self.targets[name]
+        with torch.no_grad():
+            param = self.parameter(target.param)
+            if not is_sharded(param):
+                return target.weight(self.model).detach()
+            shard = local(param).detach()
+            rows = local_rows(param, target.rows)
+            return shard if rows is None else shard[rows[0] : rows[1]]
+
+    def _rows(self, name: str) -> tuple[int, int] | None:
+        """The rows of its parameter's (local) mask that target ``name`` owns; ``None``: all of them."""
+        target = self.targets[name]
+        return local_rows(self.parameter(target.param), target.rows)
 
     def check(
         self,
@@ -183,34 +228,38 @@ class Pruner:
 
     def _keep(self, name: str) -> Tensor | None:
         """The current mask of target ``name`` (its rows of its parameter's mask), ``None`` if never pruned."""
-        target = self.targets[name]
-        keep = self._masks.get(target.param)
-        if keep is None or target.rows is None:
+        keep = self._masks.get(self.targets[name].param)
+        rows = self._rows(name)
+        if keep is None or rows is None:
             return keep
-        return keep[target.rows[0] : target.rows[1]]
+        return keep[rows[0] : rows[1]]
 
-    def _not_emptied(self, name: str, decision: Decision, weight: Tensor) -> Tensor:
-        if not decision.keep.any():
+    def _not_emptied(self, name: str, decision: Decision, weight: Tensor, collective: Collective) -> Tensor:
+        if not count_true([decision.keep], collective):
             threshold = "none" if decision.threshold is None else f"{decision.threshold:.4g}"
+            largest = collective.all_max(float(weight.detach().abs().max()) if weight.numel() else 0.0)
             raise PruningError(
                 f"Pruning would remove every connection of {name!r} (threshold {threshold}, largest |w| "
-                f"{float(weight.detach().abs().max()):.4g}, rule {decision.rule}). Lower the level of layer "
+                f"{largest:.4g}, rule {decision.rule}). Lower the level of layer "
                 f"{self.targets[name].layer!r}, or set `min_remaining` to keep a floor."
             )
         return decision.keep
 
-    def _commit(self, new: dict[str, Tensor], decisions: dict[str, Decision], stds: dict[str, float]) -> None:
+    def _commit(
+        self, new: dict[str, Tensor], decisions: dict[str, Decision], stds: dict[str, float], collective: Collective
+    ) -> None:
         for name, keep in new.items():
             target = self.targets[name]
             self.dense_std.setdefault(name, stds[name])
             if target.param not in self._masks:
-                param = self.parameter(target.param)
-                self._masks[target.param] = torch.ones(param.shape, dtype=torch.bool, device=param.device)
-            whole = self._masks[target.param]
-            (whole if target.rows is None else whole[target.rows[0] : target.rows[1]]).logical_and_(keep)
+                shard = local(self.parameter(target.param))
+                self._masks[target.param] = torch.ones(shard.shape, dtype=torch.bool, device=shard.device)
+            whole, rows = self._masks[target.param], self._rows(name)
+            (whole if rows is None else whole[rows[0] : rows[1]]).logical_and_(keep)
             if decisions[name].threshold is not None:
                 self.thresholds[name] = decisions[name].threshold
             self.rules[name] = decisions[name].rule
+        self._count_alive(collective)
         self.enforcer.invalidate()
         self.enforcer.apply()
         self.enforcer.zero_state(list(dict.fromkeys(self.targets[name].param for name in new)))
@@ -218,19 +267,28 @@ class Pruner:
     def set_masks(self, masks: Mapping[str, Tensor]) -> None:
         """Replace the masks (e.g. by those of a shrunk model), checked against the parameters, and apply them.
 
+        For a sharded parameter a mask is this process's shard, or the whole tensor's mask (from a full
+        checkpoint), of which this process keeps its rows.
+
         Raises:
             ValueError: If a mask names a parameter that is not selected, or does not fit its shape.
         """
-        for name, keep in masks.items():
+        for name in masks:
             if name not in self.layer_of:
                 raise ValueError(
                     f"The masks include {name!r}, which is not among the pruned parameters {list(self.layer_of)}. "
                     f"Was the checkpoint made with other `layers`?"
                 )
-            check_mask(name, keep, self.parameter(name).shape, "parameter")
-        chosen = {name: keep.to(self.parameter(name).device, copy=True) for name, keep in masks.items()}
+        chosen = {}
+        for name, keep in masks.items():
+            param = self.parameter(name)
+            shard = local(param)
+            keep = local_mask(keep, param) if isinstance(keep, Tensor) else keep
+            check_mask(name, keep, shard.shape, "parameter" if shard is param else "parameter's local shard")
+            chosen[name] = keep.to(shard.device, copy=True)
         self._masks.clear()
         self._masks.update(chosen)
+        self._count_alive(collective_of(self.parameter(name) for name in chosen))
         self.refresh()
         self.enforcer.apply()
         self.enforcer.zero_state()
@@ -238,7 +296,7 @@ class Pruner:
     def refresh(self) -> None:
         """Move the masks to their parameters' devices (after the model moved) and rebuild the caches."""
         for name, keep in self.masks.items():
-            device = self.parameter(name).device
+            device = local(self.parameter(name)).device
             if keep.device != device:
                 self.masks[name] = keep.to(device)
         self.enforcer.invalidate()
@@ -281,10 +339,33 @@ class Pruner:
             numel = 1
             for size in shape:
                 numel *= size
-            keep = self._keep(name)
-            remaining = numel if keep is None else int(keep.sum())
+            remaining = self._alive.get(name, numel) if self._keep(name) is not None else numel
             out.append(LayerStats(name, shape, numel, remaining, self.thresholds.get(name), self.rules.get(name, "")))
         return out
+
+    def _count_alive(self, collective: Collective) -> None:
+        """Count every target's surviving connections (over all shards: every process takes part)."""
+        names = [name for name in self.targets if self._keep(name) is not None]
+        local_counts = [int(self._keep(name).sum()) for name in names]  # type: ignore[union-attr]
+        totals = collective.counts(local_counts).sum(0).tolist() if names else []
+        self._alive = dict(zip(names, (int(t) for t in totals), strict=True))
+
+    @property
+    def sharded(self) -> bool:
+        """Whether any selected parameter is sharded (FSDP2 ``DTensor``)."""
+        return any(is_sharded(self.parameter(name)) for name in self.layer_of)
+
+    def layer_counts(self) -> dict[str, tuple[int, int]]:
+        """``{layer: (remaining, total)}`` connections of the weights pruned so far (over all shards).
+
+        As :func:`~lightning_prune.core.dropout.layer_counts`: weights of two or more dimensions, no biases.
+        """
+        counts: dict[str, tuple[int, int]] = {}
+        for stats, target in zip(self.stats(), self.targets.values(), strict=True):
+            if target.param in self._masks and len(stats.shape) >= 2 and "bias" not in target.param.rsplit(".", 1)[-1]:
+                remaining, total = counts.get(target.layer, (0, 0))
+                counts[target.layer] = (remaining + stats.remaining, total + stats.weights)
+        return counts
 
     def counts(self) -> tuple[int, int]:
         """``(remaining, total)`` connections of the selected parameters."""
@@ -297,7 +378,7 @@ class Pruner:
         return 1.0 - remaining / total if total else 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        """Masks (``bool`` CPU tensors) and threshold statistics: plain values only, ``weights_only``-safe."""
+        """Masks (``bool`` CPU tensors, local shards if sharded) and threshold statistics, ``weights_only``-safe."""
         return {
             "masks": {name: keep.to("cpu", copy=True) for name, keep in self.masks.items()},
             "dense_std": dict(self.dense_std),
@@ -334,9 +415,9 @@ class Pruner:
         return (target.param if target is not None else name) in masks
 
 
-def _check_finite(weights: Mapping[str, Tensor]) -> None:
+def _check_finite(weights: Mapping[str, Tensor], collective: Collective) -> None:
     for name, weight in weights.items():
-        if not torch.isfinite(weight.detach()).all():
+        if any_true(not bool(torch.isfinite(weight.detach()).all()), collective):
             raise PruningError(
                 f"Parameter {name!r} holds NaN or inf values; it cannot be pruned by magnitude. "
                 f"Check the training run for divergence before pruning."

@@ -43,6 +43,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from torch import Tensor
 
+from lightning_prune.core.collective import LOCAL, Collective
 from lightning_prune.core.masks import check_mask
 from lightning_prune.core.validation import check_fraction, check_number, check_per_layer
 
@@ -90,10 +91,14 @@ class PruneContext:
         dense_std: For every parameter being pruned, the standard deviation of its weights when it was
             first pruned (now, for one pruned for the first time): a quality then always means the same cut.
         layer_of: ``{parameter name: layer name}`` of the parameters being pruned.
+        collective: The processes whose shards make up the weights (FSDP), for statistics of the whole
+            tensors (:mod:`lightning_prune.core.collective`); :data:`~lightning_prune.core.collective.LOCAL`
+            when each weight is whole. Only a criterion with ``shardable = True`` is given shards.
     """
 
     dense_std: Mapping[str, float]
     layer_of: Mapping[str, str]
+    collective: Collective = LOCAL
 
 
 class Criterion(ABC):
@@ -106,6 +111,9 @@ class Criterion(ABC):
     - ``per_layer``: whether layers may have different levels (``False``: one level for all, e.g. global).
     - ``sweep_levels``: the levels a sensitivity sweep tries by default (empty: not meant for sweeps).
     - ``level_help``: what a level means, in a few words, for tables and figures.
+    - ``shardable``: whether :meth:`select` and :meth:`floor` decide exactly from shards of the weights
+      (FSDP), taking every statistic of a whole tensor through ``context.collective``. Pruning sharded
+      parameters with a criterion that is not is refused.
 
     Args:
         level: The default level (a number, ``{pattern: number}``, or the path of a levels file written
@@ -119,6 +127,7 @@ class Criterion(ABC):
     per_layer: ClassVar[bool] = True
     sweep_levels: ClassVar[tuple[float, ...]] = ()
     level_help: ClassVar[str] = "the level"
+    shardable: ClassVar[bool] = False
 
     def __init__(self, level: LevelSpec | str | None = None, min_remaining: float | None = None):
         self.level: LevelSpec | None = None if level is None else self.check_levels(level, self.level_name)
@@ -211,7 +220,10 @@ class Criterion(ABC):
         """
         from lightning_prune.core.criteria.magnitude import floor_mask  # magnitude imports this module
 
-        return {name: floor_mask(weights[name], keep, keeps.get(name), min_remaining) for name, keep in decided.items()}
+        return {
+            name: floor_mask(weights[name], keep, keeps.get(name), min_remaining, context.collective)
+            for name, keep in decided.items()
+        }
 
     @abstractmethod
     def select(self, weights: Weights, keeps: Keeps, levels: Levels, context: PruneContext) -> dict[str, Decision]:

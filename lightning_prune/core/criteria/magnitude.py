@@ -17,9 +17,10 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import torch
+import torch  # noqa: F401 (the examples use it)
 from torch import Tensor
 
+from lightning_prune.core.collective import LOCAL, Collective, count_true, lowest_mask, std, total
 from lightning_prune.core.criteria.base import (
     Criterion,
     Decision,
@@ -71,21 +72,22 @@ def magnitude_scores(weight: Tensor, keep: Tensor | None) -> Tensor:
     return scores
 
 
-def keep_top(scores: Tensor, n_keep: int) -> Tensor:
-    """A mask of ``scores``' shape keeping its ``n_keep`` largest entries (ties broken by :func:`torch.topk`).
+def keep_top(scores: Tensor, n_keep: int, collective: Collective = LOCAL) -> Tensor:
+    """A mask of ``scores``' shape keeping its ``n_keep`` largest entries; of equal scores, the later ones.
+
+    ``scores`` may be one shard of a tensor split over ``collective``'s processes (``n_keep`` then counts
+    the whole tensor): the shards' masks are exactly the whole tensor's (see
+    :func:`~lightning_prune.core.collective.lowest_mask`).
 
     Example::
 
         >>> keep_top(torch.tensor([0.5, -1.0, 2.0]), 2)
         tensor([ True, False,  True])
     """
-    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if n_keep > 0:
-        keep[torch.topk(scores.flatten(), n_keep, sorted=False).indices] = True
-    return keep.view_as(scores)
+    return ~lowest_mask([scores], total([scores], collective) - n_keep, collective)[0]
 
 
-def largest_pruned(scores: Tensor, keep: Tensor) -> float:
+def largest_pruned(scores: Tensor, keep: Tensor, collective: Collective = LOCAL) -> float:
     """The largest score ``keep`` prunes (0 when it prunes none, or only entries pruned before, scored ``-1``).
 
     Example::
@@ -94,21 +96,22 @@ def largest_pruned(scores: Tensor, keep: Tensor) -> float:
         0.5
     """
     pruned = scores[~keep]
-    return float(pruned.max().clamp_min(0.0)) if pruned.numel() else 0.0
+    return max(0.0, collective.all_max(float(pruned.max()) if pruned.numel() else 0.0))
 
 
-def surviving_std(weight: Tensor, keep: Tensor | None = None) -> float:
-    """Standard deviation of the weights still alive (of all weights when ``keep`` is ``None``).
+def surviving_std(weight: Tensor, keep: Tensor | None = None, collective: Collective = LOCAL) -> float:
+    """Standard deviation of the weights still alive (of all weights when ``keep`` is ``None``), in float64.
+
+    ``weight`` may be one shard of a tensor split over ``collective``'s processes: the std is the whole
+    tensor's (:func:`~lightning_prune.core.collective.std`).
 
     Example::
 
         >>> surviving_std(torch.tensor([0.0, -1.0, 1.0]), torch.tensor([False, True, True]))
         1.4142...
     """
-    values = weight.detach().float()
-    if keep is not None:
-        values = values[keep]
-    return float(values.std()) if values.numel() > 1 else 0.0
+    values = weight.detach()
+    return std([values if keep is None else values[keep]], collective)
 
 
 def rule_std(std_of: StdOf, name: str, weight: Tensor, keeps: Keeps, context: PruneContext) -> float:
@@ -121,7 +124,7 @@ def rule_std(std_of: StdOf, name: str, weight: Tensor, keeps: Keeps, context: Pr
         >>> rule_std("dense", "w", w, {}, context), rule_std("surviving", "w", w, {"w": w < 10}, context)
         (2.0, 1.4142...)
     """
-    return context.dense_std[name] if std_of == "dense" else surviving_std(weight, keeps.get(name))
+    return context.dense_std[name] if std_of == "dense" else surviving_std(weight, keeps.get(name), context.collective)
 
 
 def std_mask(weight: Tensor, quality: float, std: float, keep: Tensor | None = None) -> tuple[Tensor, float]:
@@ -149,16 +152,19 @@ def std_mask(weight: Tensor, quality: float, std: float, keep: Tensor | None = N
     return new, threshold
 
 
-def fraction_mask(weight: Tensor, amount: float, keep: Tensor | None = None) -> tuple[Tensor, float]:
+def fraction_mask(
+    weight: Tensor, amount: float, keep: Tensor | None = None, collective: Collective = LOCAL
+) -> tuple[Tensor, float]:
     """Keep the largest weights so that ``round(amount * numel)`` of the layer is pruned.
 
     ``amount`` is the layer's target sparsity after this call, counting connections pruned before;
-    if more than that are already pruned nothing changes. Ties are broken by :func:`torch.topk`.
+    if more than that are already pruned nothing changes. Of equal magnitudes the earlier ones go first.
 
     Args:
-        weight: The layer's weights.
+        weight: The layer's weights (or this process's shard of them).
         amount: Target share of the layer pruned, in ``[0, 1]``.
         keep: The current mask; ``None`` if the layer was never pruned.
+        collective: The processes holding the shards of ``weight`` (:data:`LOCAL`: it is whole).
 
     Returns:
         The new mask and its threshold: the largest magnitude pruned (0 when nothing is).
@@ -169,11 +175,11 @@ def fraction_mask(weight: Tensor, amount: float, keep: Tensor | None = None) -> 
         (tensor([False, False,  True,  True]), 0.5)
     """
     scores = magnitude_scores(weight, keep)
-    new = keep_share(scores, amount)
-    return new, largest_pruned(scores, new)
+    new = keep_share(scores, amount, collective)
+    return new, largest_pruned(scores, new, collective)
 
 
-def keep_share(scores: Tensor, amount: float) -> Tensor:
+def keep_share(scores: Tensor, amount: float, collective: Collective = LOCAL) -> Tensor:
     """Keep the largest ``scores`` so that ``round(amount * numel)`` of them are pruned, counting those pruned before.
 
     Entries scored below 0 are pruned already and stay pruned; if more than that share are, nothing more is.
@@ -183,11 +189,13 @@ def keep_share(scores: Tensor, amount: float) -> Tensor:
         >>> keep_share(torch.tensor([0.3, -1.0, 2.0, 1.0]), 0.5)
         tensor([False, False,  True,  True])
     """
-    alive = int((scores >= 0).sum())
-    return keep_top(scores, min(alive, scores.numel() - round(amount * scores.numel())))
+    n = total([scores], collective)
+    return keep_top(scores, min(count_true([scores >= 0], collective), n - round(amount * n)), collective)
 
 
-def global_keep(scores: Mapping[str, Tensor], amount: float) -> tuple[dict[str, Tensor], float]:
+def global_keep(
+    scores: Mapping[str, Tensor], amount: float, collective: Collective = LOCAL
+) -> tuple[dict[str, Tensor], float]:
     """:func:`keep_share` over several tensors of scores at once: one cut for all of them.
 
     Returns:
@@ -198,15 +206,20 @@ def global_keep(scores: Mapping[str, Tensor], amount: float) -> tuple[dict[str, 
         >>> global_keep({"a": torch.tensor([1.0, 4.0]), "b": torch.tensor([2.0, 3.0])}, 0.5)
         ({'a': tensor([False,  True]), 'b': tensor([False,  True])}, 2.0)
     """
-    flat = torch.cat([s.flatten().cpu() for s in scores.values()])
-    kept = keep_share(flat, amount)
-    pieces = kept.split([s.numel() for s in scores.values()])
-    masks = {name: piece.view_as(s).to(s.device) for (name, s), piece in zip(scores.items(), pieces, strict=True)}
-    return masks, largest_pruned(flat, kept)
+    values = list(scores.values())
+    n = total(values, collective)
+    n_keep = min(count_true([v >= 0 for v in values], collective), n - round(amount * n))
+    pruned = lowest_mask(values, n - n_keep, collective)
+    masks = {name: ~p for name, p in zip(scores, pruned, strict=True)}
+    largest = max((largest_pruned(v, m) for v, m in zip(values, masks.values(), strict=True)), default=0.0)
+    return masks, max(0.0, collective.all_max(largest))
 
 
 def global_masks(
-    weights: Mapping[str, Tensor], amount: float, keeps: Mapping[str, Tensor] | None = None
+    weights: Mapping[str, Tensor],
+    amount: float,
+    keeps: Mapping[str, Tensor] | None = None,
+    collective: Collective = LOCAL,
 ) -> tuple[dict[str, Tensor], float]:
     """One magnitude threshold for several layers: prune ``amount`` of all their weights together.
 
@@ -214,6 +227,7 @@ def global_masks(
         weights: ``{name: weight}`` of the layers pruned together.
         amount: Target share of all their weights pruned, in ``[0, 1]``.
         keeps: Current masks by name; layers absent from it were never pruned.
+        collective: The processes holding the shards of the weights (:data:`LOCAL`: they are whole).
 
     Returns:
         The new masks by name and the common threshold (largest magnitude pruned).
@@ -225,10 +239,12 @@ def global_masks(
         (tensor([False,  True]), tensor([False,  True]), 2.0)
     """
     keeps = keeps or {}
-    return global_keep({name: magnitude_scores(w, keeps.get(name)) for name, w in weights.items()}, amount)
+    return global_keep({name: magnitude_scores(w, keeps.get(name)) for name, w in weights.items()}, amount, collective)
 
 
-def floor_mask(weight: Tensor, new: Tensor, keep: Tensor | None, min_remaining: float) -> Tensor:
+def floor_mask(
+    weight: Tensor, new: Tensor, keep: Tensor | None, min_remaining: float, collective: Collective = LOCAL
+) -> Tensor:
     """Widen ``new`` so that at least ``ceil(min_remaining * numel)`` (and one) connections survive.
 
     The extra survivors are the largest weights still alive in ``keep``.
@@ -239,10 +255,11 @@ def floor_mask(weight: Tensor, new: Tensor, keep: Tensor | None, min_remaining: 
         tensor([False, False, False,  True])
     """
     scores = magnitude_scores(weight, keep)
-    n_min = floor_count(scores.numel(), scores.numel() if keep is None else int(keep.sum()), min_remaining)
-    if int(new.sum()) >= n_min:
+    n = total([scores], collective)
+    n_min = floor_count(n, n if keep is None else count_true([keep], collective), min_remaining)
+    if count_true([new], collective) >= n_min:
         return new
-    return keep_top(scores, n_min)
+    return keep_top(scores, n_min, collective)
 
 
 def floor_count(total: int, alive: int, min_remaining: float) -> int:
@@ -276,6 +293,7 @@ class Std(Criterion):
 
     name = "std"
     level_name = "quality"
+    shardable = True
     level_help = "threshold = quality x std(W)"
     sweep_levels = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5)
 
@@ -326,6 +344,7 @@ class Fraction(ShareCriterion):
     """
 
     name = "fraction"
+    shardable = True
     level_help = "share of the layer pruned"
     sweep_levels = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
@@ -336,7 +355,7 @@ class Fraction(ShareCriterion):
         """The largest weights of each layer, so that ``amount`` of it is pruned."""
         out = {}
         for name, weight in weights.items():
-            keep, threshold = fraction_mask(weight, levels[name], keeps.get(name))
+            keep, threshold = fraction_mask(weight, levels[name], keeps.get(name), context.collective)
             out[name] = Decision(keep, threshold, f"{100 * levels[name]:.1f}% of layer")
         return out
 
@@ -356,6 +375,7 @@ class Global(ShareCriterion):
     """
 
     name = "global"
+    shardable = True
     level_help = "share of all selected weights pruned"
     per_layer = False
 
@@ -365,5 +385,6 @@ class Global(ShareCriterion):
     def select(self, weights: Weights, keeps: Keeps, levels: Levels, context: PruneContext) -> dict[str, Decision]:
         """One threshold over all the weights, pruning ``amount`` of them."""
         amount = next(iter(levels.values()))
-        masks, threshold = global_masks(weights, amount, {n: k for n, k in keeps.items() if k is not None})
+        alive = {n: k for n, k in keeps.items() if k is not None}
+        masks, threshold = global_masks(weights, amount, alive, context.collective)
         return {name: Decision(keep, threshold, f"{100 * amount:.1f}% global") for name, keep in masks.items()}
