@@ -6,13 +6,16 @@ The pipeline, per seed: train the dense net, then run the tuned prune-retrain ro
 measure the test error of the dense and of the pruned net on the 10,000 MNIST test images (and, image
 by image, how many the pruned net newly gets wrong or right, with McNemar's exact test), and print the
 per-layer table (the shape of the paper's Table 2) with the paper's remaining share beside ours.
-Results go to ``docs/results/<net>.json`` (``<net>_<recipe>.json`` for the other recipes); see
-docs/reproduction.md for what they gave.
+A run writes into its own folder, ``runs/reproduce/<net>[_<recipe>]-<UTC time>/`` in the repository
+(git ignores ``runs/``): ``results.json`` and the phase checkpoints under ``checkpoints/``. The
+committed results, ``docs/results/<net>.json`` (``<net>_<recipe>.json`` for the other recipes), are
+rewritten only when ``--out`` names them; see docs/reproduction.md for what they gave.
 
 Run::
 
     python examples/reproduce.py --net lenet300 --quick            # ~1 min on 2 CPU cores
     python examples/reproduce.py --net lenet300 --seeds 0 1 2 3 4  # headline recipe (~22x), ~2 min per seed
+    python examples/reproduce.py --net lenet300 --seeds 0 1 2 3 4 --out docs/results/lenet300.json  # committed
     python examples/reproduce.py --net lenet5 --seeds 0 1 2 3 4    # headline recipe (~27x), ~7-13 min per seed
     python examples/reproduce.py --net lenet5 --recipe gentle      # 3 rounds (~16x)
     python examples/reproduce.py --net lenet5 --recipe local       # the paper's local retraining (~22x)
@@ -26,7 +29,8 @@ Run::
     python examples/reproduce.py --net lenet300 --recipe nodropout # the paper's net, without dropout
     python examples/reproduce.py --net lenet300 --tiny --out /tmp/tiny.json   # seconds: a smoke test
     python examples/reproduce.py --net lenet5 --recipe fc1room --seeds 5 6 --out /tmp/more.json
-    python examples/reproduce.py --merge docs/results/lenet5_fc1room.json /tmp/more.json  # seeds 0-6 in one file
+    python examples/reproduce.py --merge docs/results/lenet5_fc1room.json /tmp/more.json \
+        --out docs/results/lenet5_fc1room.json                     # seeds 0-6 in the committed file
 
 MNIST is read offline (see :class:`lightning_prune.data.MNISTDataModule`); ``--data-dir`` is where
 its IDX files live or are written. On a shared CPU, keep ``--threads 1``: two intra-op threads on two
@@ -46,7 +50,6 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -79,6 +82,7 @@ from lightning_prune.zoo import LeNet5, LeNet300100, MNISTClassifier
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
+RUNS = ROOT / "runs" / "reproduce"
 
 NETS: dict[str, type[MNISTClassifier]] = {"lenet300": LeNet300100, "lenet5": LeNet5}
 
@@ -690,8 +694,32 @@ def summarize(net: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def results_path(net: str, recipe: str) -> Path:
-    """Where recipe ``recipe`` of ``net`` writes its results: ``docs/results/<net>[_<recipe>].json``."""
+    """The committed results of recipe ``recipe`` of ``net``: ``docs/results/<net>[_<recipe>].json``.
+
+    ``main`` writes there only when ``--out`` names the file; benchmarks/ablations.py reads it.
+    """
     return RESULTS / (f"{net}.json" if recipe == "full" else f"{net}_{recipe}.json")
+
+
+def run_folder(net: str, recipe: str, given: Path | None = None) -> Path:
+    """The folder of one run, created: ``given``, else a new ``RUNS / "<net>[_<recipe>]-<UTC time>"``.
+
+    ``RUNS`` is ``runs/reproduce/`` in the repository, which git ignores, so a run leaves the tracked
+    tree as it was. Two runs started in the same second get ``...-2``, ``...-3``.
+    """
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        return given
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    base = f"{results_path(net, recipe).stem}-{stamp}"
+    folder, k = RUNS / base, 1
+    while True:
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            k += 1
+            folder = RUNS / f"{base}-{k}"
 
 
 def environment() -> dict[str, Any]:
@@ -779,8 +807,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "lenet5: local, conv1dense, light, table2, fc1room, fc1room_long, control_long",
     )
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR", "data"), help="MNIST root folder")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default docs/results/<net>[_mode].json)")
-    parser.add_argument("--checkpoint-dir", type=Path, default=None, help="keep phase checkpoints here")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results JSON here, e.g. docs/results/<net>[_<recipe>].json to rewrite the committed file "
+        "(default: results.json in the run folder)",
+    )
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="this run's folder (default: a new runs/reproduce/<net>[_<recipe>]-<UTC time>/ in the repository)",
+    )
+    parser.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="phase checkpoints here (default: checkpoints/ in the run folder)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is best on a busy CPU)")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     parser.add_argument(
@@ -790,12 +835,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         metavar="JSON",
         help="train nothing: merge these results files (one net and recipe, other seeds) into --out "
-        "(default: the recipe's results file)",
+        "(default: results.json in the run folder)",
     )
     args = parser.parse_args(argv)
     if args.merge is not None:
         report = merge_reports([json.loads(path.read_text()) for path in args.merge])
-        out = args.out or results_path(report["net"], report["recipe_name"])
+        out = args.out or run_folder(report["net"], report["recipe_name"], args.run_dir) / "results.json"
         out.write_text(json.dumps(report, indent=2) + "\n")
         print_summary(report)
         print(f"wrote {out} (seeds {', '.join(map(str, report['seeds']))})")
@@ -807,7 +852,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if name not in RECIPES[args.net]:
         parser.error(f"--recipe {name!r} does not exist for {args.net}; choose from {sorted(RECIPES[args.net])}.")
     recipe = RECIPES[args.net][name]
-    out = args.out or results_path(args.net, name)
+    folder = run_folder(args.net, name, args.run_dir) if args.out is None or args.checkpoint_dir is None else None
+    out = args.out or folder / "results.json"
+    checkpoints = args.checkpoint_dir or folder / "checkpoints"
     paper = PAPER[args.net]
     print(
         f"{paper['name']}, recipe {name!r}: {recipe.dense_epochs} dense epochs, "
@@ -834,22 +881,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return report
 
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="reproduce-") as tmp:
-        for seed in args.seeds:
-            print(f"seed {seed}", flush=True)
-            ckpt = (args.checkpoint_dir or Path(tmp)) / f"{args.net}-{name}-seed{seed}"
-            run = run_seed(args.net, recipe, seed, args.data_dir, ckpt, echo=not args.quiet)
-            print(run["table"])
-            print(
-                f"seed {seed}: test error {run['dense_error_pct']:.2f}% dense -> {run['pruned_error_pct']:.2f}% "
-                f"pruned, {run['weights_before']:,} -> {run['weights_after']:,} weights "
-                f"({run['compression']:.1f}x), {run['wall_time_s']:.0f} s; test images lost "
-                f"{run['test_images']['lost']}, fixed {run['test_images']['fixed']} (McNemar p = "
-                f"{run['test_images']['mcnemar_p']})",
-                flush=True,
-            )
-            runs.append({k: v for k, v in run.items() if not k.startswith("_")})
-            report = write(runs)
+    for seed in args.seeds:
+        print(f"seed {seed}", flush=True)
+        ckpt = checkpoints / f"{args.net}-{name}-seed{seed}"
+        run = run_seed(args.net, recipe, seed, args.data_dir, ckpt, echo=not args.quiet)
+        print(run["table"])
+        print(
+            f"seed {seed}: test error {run['dense_error_pct']:.2f}% dense -> {run['pruned_error_pct']:.2f}% "
+            f"pruned, {run['weights_before']:,} -> {run['weights_after']:,} weights "
+            f"({run['compression']:.1f}x), {run['wall_time_s']:.0f} s; test images lost "
+            f"{run['test_images']['lost']}, fixed {run['test_images']['fixed']} (McNemar p = "
+            f"{run['test_images']['mcnemar_p']})",
+            flush=True,
+        )
+        runs.append({k: v for k, v in run.items() if not k.startswith("_")})
+        report = write(runs)
 
     print_summary(report)
     print(f"wrote {out}")

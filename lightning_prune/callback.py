@@ -16,8 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import move_data_to_device
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_prune import reporting
@@ -28,11 +27,12 @@ from lightning_prune.core.pruner import Pruner
 from lightning_prune.core.schedule import Round, Schedule
 from lightning_prune.core.selection import dense_tensors
 from lightning_prune.core.sensitivity import SensitivityResult
-from lightning_prune.core.settings import DropoutAdjustment, Regularization, Retraining, Sensitivity
+from lightning_prune.core.settings import DropoutAdjustment, Logging, Regularization, Retraining, Sensitivity
 from lightning_prune.core.structure import StructureReport, remove_dead_units
 from lightning_prune.core.validation import check_patterns, coerce
 from lightning_prune.dropout import DropoutControl
 from lightning_prune.fit_checks import check_rounds, check_sensitivity, check_shrink, check_strategy, clips_by_norm
+from lightning_prune.loggers import LoggerOutput
 from lightning_prune.phase import RetrainingPhase
 from lightning_prune.sensitivity import analyze_before_pruning
 from lightning_prune.sharded_checkpoint import load_sharded_masks, save_masks
@@ -67,6 +67,8 @@ class PruneRetrainCallback(Callback):
             as the default (:class:`~lightning_prune.core.settings.Sensitivity`). ``None``: off.
         shrink_at_end: Remove dead units at the end of each fit (needs ``example_input_array``).
         verbose: Print the per-layer table at each prune and a summary at each round's end.
+        logging: What goes to the trainer's loggers besides the ``prune/...`` scalars: the table of each prune,
+            weight histograms and the remaining-share chart (:class:`~lightning_prune.core.settings.Logging`).
 
     Example::
 
@@ -94,6 +96,7 @@ class PruneRetrainCallback(Callback):
         sensitivity: Sensitivity | None = None,
         shrink_at_end: bool = False,
         verbose: bool = True,
+        logging: Logging = Logging(),  # noqa: B008
     ) -> None:
         super().__init__()
         self.criterion = get_criterion(criterion)
@@ -102,6 +105,7 @@ class PruneRetrainCallback(Callback):
         self.retrain = coerce(Retraining, retrain, "retrain")
         self.dropout_settings = None if dropout is None else coerce(DropoutAdjustment, dropout, "dropout")
         self.sensitivity_settings = None if sensitivity is None else coerce(Sensitivity, sensitivity, "sensitivity")
+        self.logger_output = LoggerOutput(coerce(Logging, logging, "logging"))
         self.schedule = Schedule(rounds, prune_epochs, self.criterion, self.retrain)
         self.guard = None if guard is None else GuardController(coerce(Guard, guard, "guard"))
         self.phase = RetrainingPhase(coerce(Regularization, dense, "dense"), self.retrain.freeze_bn_stats)
@@ -251,8 +255,8 @@ class PruneRetrainCallback(Callback):
             reporting.log_progress(pl_module, self.pruner.sparsity(), len(self.schedule.done))
 
     def _close_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, due: list[int], epoch: int) -> list[int]:
-        if self.verbose and epoch > 0:
-            self._summarize(trainer)
+        if epoch > 0:
+            self._end_round(trainer)
         if self.guard is None or not self.schedule.in_one_fit:
             return due
         last = self.schedule.done[-1]
@@ -282,6 +286,8 @@ class PruneRetrainCallback(Callback):
             notice = reporting.unpruned_notice(dense_tensors(pl_module, list(self.pruner.targets.values())))
             if notice is not None:
                 rank_zero_info(notice)
+        if not self.pruner.masks:
+            self.logger_output.log_weights(trainer, self.pruner, "before", k + 1)
         stats = self.pruner.prune(**round_.prune_kwargs())
         if trainer.world_size > 1 and not self.pruner.sharded:  # every rank takes rank zero's masks and statistics
             stats = _take_rank_zeros_masks(trainer, self.pruner) or stats
@@ -292,6 +298,14 @@ class PruneRetrainCallback(Callback):
             rounds = len(self.schedule.rounds)
             rank_zero_info(reporting.prune_report(k, rounds, epoch, round_, stats, frozen, self.dropout))
         reporting.log_prune(pl_module, stats)
+        self.logger_output.log_prune(trainer, k + 1, epoch, stats)
+
+    def _end_round(self, trainer: pl.Trainer) -> None:
+        """The summary of the round that ends (if ``verbose``) and its weights' histograms to the loggers."""
+        assert self.pruner is not None
+        if self.verbose:
+            self._summarize(trainer)
+        self.logger_output.log_weights(trainer, self.pruner, "after", self.schedule.done[-1] + 1)
 
     def _summarize(self, trainer: pl.Trainer) -> None:
         assert self.pruner is not None
@@ -333,8 +347,8 @@ class PruneRetrainCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Summarize the last round; with a guard, judge it (and roll it back if it failed); shrink if asked."""
         last = self.schedule.done[-1] if self.schedule.done else None
-        if last is not None and self.verbose:
-            self._summarize(trainer)
+        if last is not None:
+            self._end_round(trainer)
         if self.guard is not None and self.schedule.in_one_fit and last is not None and not self.schedule.judged(last):
             self.judge_round(pl_module, last, trainer.callback_metrics, can_retry=False, trainer=trainer)
         if self.shrink_at_end and self.pruner is not None and self.pruner.masks:

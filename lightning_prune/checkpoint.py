@@ -88,7 +88,7 @@ def tensor_crc(tensor: torch.Tensor) -> int:
     """
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     crc = zlib.crc32(f"{flat.dtype}{list(tensor.shape)}".encode())
-    return zlib.crc32(flat.view(torch.uint8).numpy(), crc) if flat.numel() else crc
+    return zlib.crc32(flat.view(torch.uint8).numpy().data, crc) if flat.numel() else crc
 
 
 def checksums(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:

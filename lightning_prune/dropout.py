@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_prune.core.dropout import DropoutAdjuster, ForwardTrace, weight_layers
@@ -56,7 +56,7 @@ class DropoutControl:
                 f"{trace.functional_dropout} call(s) in one step). lightning-prune cannot adjust those rates; use "
                 f"nn.Dropout modules for the paper's dropout adjustment."
             )
-        seen = {"order": trace.order, "links": trace.links, "failed": trace.failed}
+        seen: dict[str, Any] = {"order": trace.order, "links": trace.links, "failed": trace.failed}
         if trainer.world_size > 1:
             seen = trainer.strategy.broadcast(seen, src=0)
         return self._link(seen["order"], seen["links"], seen["failed"])

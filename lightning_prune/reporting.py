@@ -76,9 +76,16 @@ def shrink_summary(report: StructureReport) -> str:
 
 
 def log_prune(pl_module: pl.LightningModule, stats: Sequence[LayerStats]) -> None:
-    """Log ``prune/remaining_pct/<parameter>`` of every selected parameter."""
+    """Log ``prune/remaining_pct/<parameter>``, ``prune/remaining/<parameter>`` and ``prune/threshold/<parameter>``.
+
+    One of each per selected parameter; a parameter without a magnitude threshold (e.g. N:M) has no
+    ``prune/threshold``. Counts are logged as floats (exact up to 2**24; the round table has them exact).
+    """
     for s in stats:
         pl_module.log(f"prune/remaining_pct/{s.name}", s.remaining_pct, on_epoch=True, sync_dist=True)
+        pl_module.log(f"prune/remaining/{s.name}", float(s.remaining), on_epoch=True, sync_dist=True)
+        if s.threshold is not None:
+            pl_module.log(f"prune/threshold/{s.name}", float(s.threshold), on_epoch=True, sync_dist=True)
 
 
 def log_progress(pl_module: pl.LightningModule, sparsity: float, rounds_done: int) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_prune.callback import PruneRetrainCallback
 from lightning_prune.checkpoint import read_checkpoint
@@ -143,7 +143,7 @@ class _Run:
         trainer = self.make_trainer(
             epochs, [PhaseCheckpoint(dirpath=self.directory / name, save_last=True, save_top_k=0)]
         )
-        if self.callback not in trainer.callbacks:
+        if self.callback not in trainer.callbacks:  # type: ignore[attr-defined]
             raise ValueError("The trainer of a phase must hold the PruneRetrainCallback among its callbacks.")
         self.callback.fit_round(index)
         rank_zero_info(f"lightning-prune: {name} ({epochs} epochs)")

@@ -24,7 +24,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_prune.core.criteria import Criterion
 from lightning_prune.core.selection import select_layers
@@ -245,7 +245,7 @@ def analyze_before_pruning(
     Raises:
         ValueError: If the fit has no validation data.
     """
-    datamodule = trainer.datamodule
+    datamodule = trainer.datamodule  # type: ignore[attr-defined]
     loaders = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
     if not loaders:
         raise ValueError("`sensitivity` needs validation data (a val_dataloader) to measure on.")

@@ -71,7 +71,7 @@ def load_sharded_masks(trainer: pl.Trainer, pruner: Pruner, checkpoint: Mapping[
     names = state.get("pruner", {}).get("sharded_masks") if isinstance(state, Mapping) else None
     if not names:
         return
-    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.state_dict_loader import load
 
     unknown = [name for name in names if name not in pruner.layer_of]
     if unknown:

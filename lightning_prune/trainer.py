@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_prune.callback import PruneRetrainCallback
 from lightning_prune.checkpoint import CheckpointError, read_checkpoint
@@ -31,6 +31,8 @@ class PruneTrainer(pl.Trainer):
         trainer = PruneTrainer(accelerator="cpu", callbacks=[PruneRetrainCallback(rounds=[...])])
         trainer.rounds(model, datamodule=dm, dense_epochs=10)
     """
+
+    callbacks: list[Callback]
 
     def __init__(self, **kwargs: Any) -> None:
         self.init_kwargs = dict(kwargs)
@@ -161,7 +163,7 @@ class PruneTrainer(pl.Trainer):
         if shrink:
             if model.example_input_array is None:
                 raise ValueError("`shrink` needs `example_input_array` on the LightningModule.")
-            report = remove_dead_units(model, model.example_input_array, masks=masks)
+            report = remove_dead_units(model, model.example_input_array, masks=masks)  # type: ignore[arg-type]
             masks = report.masks or masks
             rank_zero_info(f"lightning-prune: removed dead units\n{report}")
             if shrunk_output is not None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -37,9 +39,9 @@ def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_tiny_run_writes_json_and_table(tmp_path: Path, mnist_dir: str) -> None:
-    out = tmp_path / "tiny.json"
+    out, folder = tmp_path / "tiny.json", tmp_path / "run"
     cmd = [sys.executable, str(SCRIPT), "--net", "lenet300", "--tiny", "--quiet"]
-    cmd += ["--data-dir", mnist_dir, "--out", str(out)]
+    cmd += ["--data-dir", mnist_dir, "--out", str(out), "--run-dir", str(folder)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -61,6 +63,8 @@ def test_tiny_run_writes_json_and_table(tmp_path: Path, mnist_dir: str) -> None:
     assert report["median"]["compression"] == run["compression"]
     assert report["paper"]["remaining_pct"]["fc1.weight"] == 8
     assert [r["name"] for r in run["rounds"]] == ["dense", "round-1", "round-2"]
+    phases = folder / "checkpoints" / "lenet300-tiny-seed0"
+    assert sorted(p.name for p in phases.glob("*.ckpt")) == ["dense.ckpt", "round-1.ckpt", "round-2.ckpt"]
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +165,7 @@ def test_finished_seeds_are_written_before_a_later_seed_fails(
     monkeypatch.setattr(reproduce, "quiet_lightning", lambda: None)  # keep the session's logging as it is
     out = tmp_path / "partial.json"
     argv = ["--net", "lenet300", "--tiny", "--quiet", "--seeds", "0", "1", "--data-dir", mnist_dir, "--out", str(out)]
+    argv += ["--run-dir", str(tmp_path / "run")]
     with pytest.raises(RuntimeError, match="seed 1 diverged"):
         reproduce.main(argv)
     report = json.loads(out.read_text())
@@ -436,3 +441,43 @@ def test_long_last_round_copies_the_rounds(reproduce) -> None:
     longer[0]["quality"]["fc1"] = 9.0
     assert longer[1] == {"quality": {"fc1": 1.0}, "epochs": 9}
     assert rounds == [{"quality": {"fc1": 0.5}, "epochs": 2}, {"quality": {"fc1": 1.0}, "epochs": 6}]
+
+
+def test_a_default_run_writes_into_a_new_folder_under_runs_that_git_ignores(
+    reproduce, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --out the results and checkpoints go to runs/reproduce/<net>_<recipe>-<UTC time>/, not docs/results."""
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("not a git checkout")
+    default = ROOT / "runs" / "reproduce" / "lenet300_tiny-20260101T000000Z" / "results.json"
+    check = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", str(default)], check=False)
+    assert reproduce.RUNS == ROOT / "runs" / "reproduce" and check.returncode == 0  # the default is git-ignored
+    committed = {p: p.read_bytes() for p in reproduce.RESULTS.glob("lenet300*.json")}
+    seen: list[Path] = []
+
+    def run_seed(net, recipe, seed, data_dir, checkpoint_dir, **kwargs):
+        seen.append(checkpoint_dir)
+        run = results_report(reproduce, [seed])["runs"][0]
+        return {**run, "test_images": {**run["test_images"], "mcnemar_p": 1.0}, "table": ""}
+
+    class Clock(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2026, 1, 1, tzinfo=tz)
+
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(reproduce, "datetime", types.SimpleNamespace(datetime=Clock, timezone=datetime.timezone))
+    monkeypatch.setattr(reproduce, "run_seed", run_seed)
+    monkeypatch.setattr(reproduce, "quiet_lightning", lambda: None)  # keep the session's logging as it is
+    for _ in range(2):  # two runs started in the same second: a folder each
+        reproduce.main(["--net", "lenet300", "--tiny", "--quiet"])
+    folders = [
+        tmp_path / "runs" / "lenet300_tiny-20260101T000000Z",
+        tmp_path / "runs" / "lenet300_tiny-20260101T000000Z-2",
+    ]
+    assert sorted((tmp_path / "runs").iterdir()) == folders
+    assert seen == [folder / "checkpoints" / "lenet300-tiny-seed0" for folder in folders]
+    for folder in folders:
+        report = json.loads((folder / "results.json").read_text())
+        assert report["recipe_name"] == "tiny" and report["date"] == "2026-01-01T00:00:00+00:00"
+    assert {p: p.read_bytes() for p in reproduce.RESULTS.glob("lenet300*.json")} == committed

@@ -46,7 +46,7 @@ from lightning_prune.core.selection import (
     select_parameters,
     select_targets,
 )
-from lightning_prune.core.settings import DropoutAdjustment, Regularization, Retraining, Sensitivity
+from lightning_prune.core.settings import DropoutAdjustment, Logging, Regularization, Retraining, Sensitivity
 from lightning_prune.core.structure import (
     find_dead_units,
     load_shrunk,
@@ -66,6 +66,7 @@ __all__ = [
     "Guard",
     "GuardController",
     "LayerStats",
+    "Logging",
     "PruneContext",
     "Pruner",
     "PruningError",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -288,7 +288,7 @@ class ForwardTrace:
             elif name in self.watch:
                 self._handles.append(module.register_forward_pre_hook(self._enter_layer(name), with_kwargs=True))
         self._mode = _Watch(self)
-        self._mode.__enter__()
+        self._mode.__enter__()  # type: ignore[no-untyped-call]
         return self
 
     def _enter_dropout(self, name: str) -> Any:
@@ -346,7 +346,7 @@ class ForwardTrace:
     def close(self) -> None:
         """Remove the hooks, leave the function mode and drop the labels (idempotent)."""
         if self._mode is not None:
-            self._mode.__exit__(None, None, None)
+            self._mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]
             self._mode = None
         for handle in self._handles:
             handle.remove()
@@ -484,11 +484,11 @@ class DropoutAdjuster:
     def set(self, rates: Mapping[str, float]) -> None:
         """Set the dropout modules' ``p`` to ``rates``."""
         for name, p in rates.items():
-            self.model.get_submodule(name).p = p
+            cast(_DropoutNd, self.model.get_submodule(name)).p = p
 
     def current(self) -> dict[str, float]:
         """The rates now in the model."""
-        return {name: float(self.model.get_submodule(name).p) for name in self.original}
+        return {name: float(cast(_DropoutNd, self.model.get_submodule(name)).p) for name in self.original}
 
     def state_dict(self) -> dict[str, Any]:
         """Original rates, rates in force, links, their source and rule: plain values."""

@@ -94,7 +94,9 @@ class Enforcer:
 
     def zero_state(self, names: list[str] | None = None) -> None:
         """Zero the attached optimizers' state of the pruned entries (of ``names`` only, if given)."""
-        chosen = {self.parameter(n): self.masks[n] for n in (self.masks if names is None else names)}
+        chosen: dict[Tensor, Tensor] = {
+            self.parameter(n): self.masks[n] for n in (self.masks if names is None else names)
+        }
         for optimizer in self.optimizers:
             zero_optimizer_state(optimizer, chosen)
 

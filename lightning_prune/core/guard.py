@@ -61,7 +61,7 @@ class Guard:
         check_bool(self.relative, "guard.relative")
         check_int(self.retries, "guard.retries")
         scale = check_number(self.retry_scale, "guard.retry_scale", positive=True)
-        if not scale < 1:  # type: ignore[operator]
+        if not scale < 1:
             raise ValueError(f"`guard.retry_scale` must be a number in (0, 1), got {self.retry_scale!r}.")
 
     def value(self, metrics: Mapping[str, Any]) -> float:

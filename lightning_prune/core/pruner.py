@@ -8,7 +8,7 @@ only shrink), checked, floored by ``min_remaining``, never emptying a layer, and
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -151,7 +151,7 @@ class Pruner:
         self._commit(new, decisions, stds, collective)
         return self.stats()
 
-    def _collective(self, rule: Criterion, names: Sequence[str]) -> Collective:
+    def _collective(self, rule: Criterion, names: Collection[str]) -> Collective:
         """The processes whose shards make up the parameters of ``names``; refuses what cannot prune shards."""
         params = [self.parameter(self.targets[name].param) for name in names]
         collective = collective_of(params)
@@ -256,8 +256,9 @@ class Pruner:
                 self._masks[target.param] = torch.ones(shard.shape, dtype=torch.bool, device=shard.device)
             whole, rows = self._masks[target.param], self._rows(name)
             (whole if rows is None else whole[rows[0] : rows[1]]).logical_and_(keep)
-            if decisions[name].threshold is not None:
-                self.thresholds[name] = decisions[name].threshold
+            threshold = decisions[name].threshold
+            if threshold is not None:
+                self.thresholds[name] = threshold
             self.rules[name] = decisions[name].rule
         self._count_alive(collective)
         self.enforcer.invalidate()

@@ -142,9 +142,9 @@ def check_prune_epochs(prune_epochs: Any) -> list[int] | None:
     if isinstance(prune_epochs, (str, bytes)) or not isinstance(prune_epochs, Sequence) or not prune_epochs:
         raise ValueError(f"`prune_epochs` must be a non-empty list of epoch indices or None, got {prune_epochs!r}.")
     epochs = [check_int(e, f"prune_epochs[{i}]") for i, e in enumerate(prune_epochs)]
-    if any(b <= a for a, b in pairwise(epochs)):  # type: ignore[operator]
+    if any(b <= a for a, b in pairwise(epochs)):
         raise ValueError(f"`prune_epochs` must be strictly increasing (sorted, no duplicates), got {epochs}.")
-    return epochs  # type: ignore[return-value]
+    return epochs
 
 
 def start_epochs(rounds: Sequence[Round], prune_epochs: Sequence[int] | None, max_epochs: int | None) -> list[int]:
@@ -276,7 +276,7 @@ class Schedule:
     def active(self) -> Round | None:
         """The round whose retraining settings are in force (``None`` during dense training)."""
         if not self.in_one_fit:
-            return None if self._single is None else self.round(self._single)  # type: ignore[arg-type]
+            return None if self._single is None else self.round(self._single)
         return self.round(self.done[-1]) if self.done else None
 
     def plan_single(self, index: int | None) -> None:

@@ -81,7 +81,8 @@ class Target:
 
 def _attribute(model: nn.Module, path: str) -> Tensor:
     owner, _, attr = path.rpartition(".")
-    return getattr(model.get_submodule(owner) if owner else model, attr)
+    tensor: Tensor = getattr(model.get_submodule(owner) if owner else model, attr)
+    return tensor
 
 
 def _qualified(layer: str, attr: str) -> str:

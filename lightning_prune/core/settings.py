@@ -8,6 +8,7 @@ composes them with the rounds (:class:`~lightning_prune.core.schedule.Round`) an
     dense: {weight_decay: 5.0e-4}
     dropout: {links: {drop1: fc2}}
     sensitivity: {tolerance: 0.005}
+    logging: {figures: false}
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from lightning_prune.core.validation import check_bool, check_levels, check_number, check_patterns
 
-__all__ = ["DropoutAdjustment", "Regularization", "Retraining", "Sensitivity"]
+__all__ = ["DropoutAdjustment", "Logging", "Regularization", "Retraining", "Sensitivity"]
 
 
 @dataclass(frozen=True)
@@ -127,3 +128,27 @@ class Sensitivity:
         check_bool(self.relative, "sensitivity.relative")
         if self.levels is not None:  # the criterion checks their range when the callback is built
             object.__setattr__(self, "levels", check_levels(self.levels, "sensitivity.levels", check_number))
+
+
+@dataclass(frozen=True)
+class Logging:
+    """What goes to the trainer's loggers besides the ``prune/...`` scalars (rank zero, at prunes and round ends).
+
+    Attributes:
+        tables: The table of each prune: text in TensorBoard, a table in MLflow and W&B, ``prune_rounds.csv``
+            in a ``CSVLogger``'s ``log_dir``.
+        figures: Weight histograms of each pruned layer before the first prune and after each round, and a bar
+            chart of the share of weights each layer keeps (needs matplotlib; TensorBoard, MLflow and W&B).
+
+    Example::
+
+        >>> Logging(figures=False)
+        Logging(tables=True, figures=False)
+    """
+
+    tables: bool = True
+    figures: bool = True
+
+    def __post_init__(self) -> None:
+        check_bool(self.tables, "logging.tables")
+        check_bool(self.figures, "logging.figures")

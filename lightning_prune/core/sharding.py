@@ -10,7 +10,7 @@ pass through every function here unchanged, so one code path serves sharded and 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import torch
 from torch import Tensor
@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-def is_sharded(tensor: Any) -> bool:
+def is_sharded(tensor: Any) -> TypeGuard[DTensor]:
     """Whether ``tensor`` is a ``DTensor`` (a parameter under FSDP2).
 
     Example::
@@ -58,7 +58,7 @@ def local(tensor: Tensor) -> Tensor:
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
-def _shard_dim(tensor: Tensor) -> int:
+def _shard_dim(tensor: DTensor) -> int:
     """The mesh dimension ``tensor`` is split over by rows; the others must replicate it."""
     shards = [i for i, p in enumerate(tensor.placements) if isinstance(p, Shard)]
     others = [p for i, p in enumerate(tensor.placements) if i not in shards and not isinstance(p, Replicate)]
@@ -155,7 +155,7 @@ def full_mask(mask: Tensor, param: Tensor) -> Tensor:
     """
     if not is_sharded(param):
         return mask.to("cpu", copy=True)
-    return sharded_like(mask, param).full_tensor().cpu()
+    return cast(DTensor, sharded_like(mask, param)).full_tensor().cpu()
 
 
 def local_mask(mask: Tensor, param: Tensor) -> Tensor:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeVar, overload
 
 __all__ = [
     "check_bool",
@@ -30,6 +30,12 @@ T = TypeVar("T")
 
 def _is_real(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Real)
+
+
+@overload
+def check_number(value: Any, name: str, *, positive: bool = ..., optional: Literal[False] = ...) -> float: ...
+@overload
+def check_number(value: Any, name: str, *, positive: bool = ..., optional: bool) -> float | None: ...
 
 
 def check_number(value: Any, name: str, *, positive: bool = False, optional: bool = False) -> float | None:
@@ -58,6 +64,12 @@ def check_number(value: Any, name: str, *, positive: bool = False, optional: boo
     return float(value)
 
 
+@overload
+def check_fraction(value: Any, name: str, *, optional: Literal[False] = ...) -> float: ...
+@overload
+def check_fraction(value: Any, name: str, *, optional: bool) -> float | None: ...
+
+
 def check_fraction(value: Any, name: str, *, optional: bool = False) -> float | None:
     """Return ``value`` as a float if it is a number in ``[0, 1]``, else raise.
 
@@ -71,6 +83,12 @@ def check_fraction(value: Any, name: str, *, optional: bool = False) -> float | 
     if not _is_real(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"`{name}` must be a number in [0, 1]{' or None' if optional else ''}, got {value!r}.")
     return float(value)
+
+
+@overload
+def check_int(value: Any, name: str, *, minimum: int = ..., optional: Literal[False] = ...) -> int: ...
+@overload
+def check_int(value: Any, name: str, *, minimum: int = ..., optional: bool) -> int | None: ...
 
 
 def check_int(value: Any, name: str, *, minimum: int = 0, optional: bool = False) -> int | None:
@@ -140,7 +158,7 @@ def check_patterns(value: Any, name: str, *, optional: bool = True) -> list[str]
     return list(value)
 
 
-def check_per_layer(value: Any, name: str, check: Any) -> float | dict[str, float]:
+def check_per_layer(value: Any, name: str, check: Callable[[Any, str], float]) -> float | dict[str, float]:
     """A number, or ``{pattern: number}``, each number checked by ``check(number, name)``.
 
     Args:
@@ -168,7 +186,7 @@ def check_per_layer(value: Any, name: str, check: Any) -> float | dict[str, floa
     return check(value, name)
 
 
-def check_levels(levels: Any, name: str, check: Any) -> list[float]:
+def check_levels(levels: Any, name: str, check: Callable[[Any, str], float]) -> list[float]:
     """A non-empty, strictly increasing sequence of levels, each checked by ``check(level, name)``.
 
     Example::

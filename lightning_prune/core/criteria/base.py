@@ -135,7 +135,7 @@ class Criterion(ABC):
 
     def check_level(self, value: Any, name: str) -> float:
         """One level, checked (here: a finite number >= 0); subclasses narrow the range."""
-        return check_number(value, name)  # type: ignore[return-value]
+        return check_number(value, name)
 
     def check_levels(self, value: LevelSpec | str, name: str) -> LevelSpec:
         """A level spec checked: a number, ``{pattern: number}`` (if ``per_layer``), or a levels file's path.
@@ -163,7 +163,8 @@ class Criterion(ABC):
             raise ValueError(f"{path!r} holds levels for criterion {written_for!r}, not {self.name!r}.")
         if data.get(self.level_name) is None:
             raise ValueError(f"{path!r} holds no `{self.level_name}` for criterion {self.name!r}.")
-        return data[self.level_name]
+        levels: LevelSpec = data[self.level_name]
+        return levels
 
     def gentler(self, level: float, scale: float) -> float:
         """A gentler level, for a round the accuracy guard retries (here: ``level * scale``)."""

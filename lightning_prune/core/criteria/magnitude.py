@@ -325,7 +325,7 @@ class ShareCriterion(Criterion):
 
     def check_level(self, value: Any, name: str) -> float:
         """A share in ``[0, 1]``."""
-        return check_fraction(value, name)  # type: ignore[return-value]
+        return check_fraction(value, name)
 
 
 @register_criterion

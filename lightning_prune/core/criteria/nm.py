@@ -138,10 +138,10 @@ class NM(Criterion):
     level_help = "weights kept in every group of m consecutive inputs"
 
     def __init__(self, n: int = 2, m: int = 4, min_remaining: float | None = None):
-        self.m: int = check_int(m, "m", minimum=2)  # type: ignore[assignment]
+        self.m: int = check_int(m, "m", minimum=2)
         super().__init__(n, min_remaining)
 
-    def check_level(self, value: Any, name: str) -> int:  # type: ignore[override]
+    def check_level(self, value: Any, name: str) -> int:
         """An integer in ``[1, m]`` (``2.0`` is taken as 2).
 
         Raises:
@@ -155,7 +155,7 @@ class NM(Criterion):
             )
         return int(value)
 
-    def gentler(self, level: float, scale: float) -> int:  # type: ignore[override]
+    def gentler(self, level: float, scale: float) -> int:
         """A retry keeps more: the share pruned per group times ``scale``, ``n`` rounded up (at most ``m``)."""
         return min(self.m, math.ceil(self.m - (self.m - int(level)) * scale - 1e-9))
 

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor
@@ -134,7 +134,7 @@ def num(n: int) -> str:
     return f"{n:,}" if n < 10**30 else f"about 2**{n.bit_length() - 1}"
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
     """Whether ``value`` is an ``int`` and not a ``bool`` (JSON ``true`` is not a count).
 
     Example::

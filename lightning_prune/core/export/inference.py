@@ -25,6 +25,9 @@ class SparseLinear(nn.Module):
         tensor([[6.5000, 1.0000]])
     """
 
+    weight: Tensor
+    bias: Tensor | None
+
     def __init__(self, weight: Tensor, bias: Tensor | None = None):
         super().__init__()
         self.in_features = weight.shape[1]
@@ -37,6 +40,7 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Apply the layer to the last dimension of ``x``."""
         flat = x.reshape(-1, self.in_features).t()
+        out: Tensor
         if self.bias is None:
             out = torch.sparse.mm(self.weight, flat)
         else:

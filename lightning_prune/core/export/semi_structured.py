@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -77,7 +78,7 @@ def _block(dtype: torch.dtype) -> tuple[int, int]:
 
 def _candidates(
     model: nn.Module, masks: Mapping[str, Tensor] | None, layers: Sequence[str] | None
-) -> dict[str, nn.Module]:
+) -> dict[str, nn.Linear]:
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name}
     if layers is None:
         return {n: m for n, m in linears.items() if masks is None or f"{n}.weight" in masks}
@@ -92,12 +93,12 @@ def _candidates(
     return {n: m for n, m in linears.items() if n in chosen}
 
 
-def _effective(module: nn.Module, keep: Tensor | None) -> Tensor:
+def _effective(module: nn.Linear, keep: Tensor | None) -> Tensor:
     weight = module.weight.detach()
     return weight if keep is None else torch.where(keep.to(weight.device), weight, torch.zeros_like(weight))
 
 
-def _problems(module: nn.Module, keep: Tensor | None) -> list[str]:
+def _problems(module: nn.Linear, keep: Tensor | None) -> list[str]:
     weight = module.weight
     found = []
     if type(module) is not nn.Linear:
@@ -220,7 +221,7 @@ def to_semi_structured(
     for name in (n for n, why in problems.items() if not why):  # all compressed before any is swapped in
         keep = None if masks is None else masks.get(f"{name}.weight")
         with torch.no_grad():
-            dense = _effective(modules[name], keep).contiguous()
+            dense = _effective(cast(nn.Linear, modules[name]), keep).contiguous()
         try:
             sparse[name] = torch.sparse.to_sparse_semi_structured(dense)
         except (RuntimeError, NotImplementedError) as err:

@@ -180,9 +180,12 @@ class SparseSizeReport:
             f"{self.ratio:.3f}x values",
         )
         widths = [max(len(r[i]) for r in (header, *rows, total)) for i in range(len(header))]
-        line = lambda cells: "  ".join(  # noqa: E731
-            c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
+
+        def line(cells: tuple[str, ...]) -> str:
+            return "  ".join(
+                c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+
         rule = "  ".join("-" * w for w in widths)
         return "\n".join([line(header), rule, *map(line, rows), rule, line(total)])
 
@@ -373,7 +376,7 @@ def _decode_all(entries: list[_Entry], tensors: Mapping[str, Tensor], limit: int
             f"decoding needs {num(need)} bytes (tensors and masks), more than the limit of {num(limit)} bytes "
             f"({rule}); a very sparse file can expand that much: if you trust it, pass max_bytes={need} or more"
         )
-    out = {}
+    out: dict[str, tuple[Tensor, Tensor | None]] = {}
     for entry in entries:
         if entry.positions is None or entry.values is None:
             out[entry.name] = (tensors[entry.name], None)

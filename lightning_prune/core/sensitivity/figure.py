@@ -35,7 +35,7 @@ def plot(result: SensitivityResult, path: str | Path, *, title: str | None = Non
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("Plotting the sensitivity needs matplotlib: `pip install matplotlib`.") from err
 
-    groups = {"conv": [], "fc": []}
+    groups: dict[str, list[str]] = {"conv": [], "fc": []}
     for layer in result.layers:
         shape = result.shapes.get(layer, [])
         groups["conv" if len(shape) > 2 else "fc"].append(layer)
@@ -48,8 +48,8 @@ def plot(result: SensitivityResult, path: str | Path, *, title: str | None = Non
     for ax, (kind, names) in zip(axes, panels, strict=True):
         for k, layer in enumerate(names):
             curve = result.curve(layer)
-            shape = result.shapes.get(layer)
-            label = layer if shape is None else f"{layer} ({math.prod(shape):,})"
+            recorded = result.shapes.get(layer)
+            label = layer if recorded is None else f"{layer} ({math.prod(recorded):,})"
             ax.plot(
                 [0.0] + [100 * r.pruned_share for r in curve],
                 [scale * result.baseline] + [scale * r.metric for r in curve],

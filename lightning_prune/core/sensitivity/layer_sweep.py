@@ -257,9 +257,12 @@ def _empty_result(
 def _traced_or_warn(model: nn.Module, data: EvalData) -> fx.GraphModule | None:
     """The model traced by torch.fx and checked on the first batch; else ``None``, with a warning why."""
     traced = trace(model)
-    why = traced if isinstance(traced, str) else _first_batch_problem(model, traced, data)
-    if why is None:
-        return traced
+    if not isinstance(traced, str):
+        why = _first_batch_problem(model, traced, data)
+        if why is None:
+            return traced
+    else:
+        why = traced
     warnings.warn(
         f"torch.fx could not split {type(model).__name__} at its layers ({why[:300]}); the sensitivity "
         f"sweep runs full forward passes for every level instead (same results, slower).",
@@ -319,9 +322,10 @@ def _prune_layer(run: _Run, layer: str, targets: list[Target], saved: dict[str, 
 def _sweep_layer(run: _Run, layer: str, targets: list[Target]) -> list[SensitivityRow]:
     """One row per level of ``layer`` (all its targets) pruned alone; its weights are put back."""
     saved = {t.param: run.model.get_parameter(t.param).detach().clone() for t in targets}
-    eager = forward = run.eager
+    eager: Callable[[int], Any] = run.eager
+    forward = eager
     if run.traced is not None:
-        forward = _split_forward(run, layer, [run.model.get_parameter(p) for p in saved]) or eager
+        forward = _split_forward(run, run.traced, layer, [run.model.get_parameter(p) for p in saved]) or eager
     rows = []
     try:
         for level in run.levels:
@@ -338,16 +342,16 @@ def _sweep_layer(run: _Run, layer: str, targets: list[Target]) -> list[Sensitivi
             if run.progress is not None:
                 run.progress(layer, level, value)
     finally:
-        for name, value in saved.items():
-            run.model.get_parameter(name).copy_(value)
+        for name, weight in saved.items():
+            run.model.get_parameter(name).copy_(weight)
     return rows
 
 
-def _split_forward(run: _Run, layer: str, weights: list[Tensor]) -> Callable[[int], Any] | None:
+def _split_forward(run: _Run, traced: fx.GraphModule, layer: str, weights: list[Tensor]) -> Callable[[int], Any] | None:
     """Forward passes from ``layer`` on, over its cut values kept per batch; ``None``: run the model whole."""
     try:
         owners = {n for n, m in run.model.named_modules(remove_duplicate=False) if any(_holds(m, w) for w in weights)}
-        split = GraphSplit(run.traced, owners)
+        split = GraphSplit(traced, owners)
         cache: list[tuple[Any, ...]] = []
         for i in range(len(run.data.inputs)):
             cache.append(split.prefix(run.data.input(i)))

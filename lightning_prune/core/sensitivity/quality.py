@@ -122,7 +122,7 @@ def load_quality(path: str | Path) -> dict[str, Any]:
 
         data = yaml.safe_load(path.read_text())
     levels = [key for key in data if key != "criterion"] if isinstance(data, dict) else []
-    if len(levels) != 1 or not isinstance(data.get("criterion", ""), str):
+    if not isinstance(data, dict) or len(levels) != 1 or not isinstance(data.get("criterion", ""), str):
         raise ValueError(
             f"{str(path)!r} must hold one mapping: `criterion` (a name) and one set of levels under the criterion's "
             f"name for them (e.g. `quality`), got {data!r}."

@@ -365,7 +365,7 @@ class Graph:
             return "refused", f"a 4-D Conv2d output reaches the Linear {consumer_name!r} without a flatten"
         if consumer.in_features != units * chain.group:
             return "refused", f"{consumer_name!r} expects {consumer.in_features} features, not {units} x {chain.group}"
-        kind = "flatten" if chain.flattened else "linear"
+        kind: Literal["linear", "flatten"] = "flatten" if chain.flattened else "linear"
         return Link(name, consumer_name, kind, chain.steps, chain.norms, chain.group, chain.unit_shape)
 
 
@@ -465,7 +465,7 @@ def _is_batch_query(user: fx.Node) -> bool:
     if user.op == "call_method" and user.target in ("dim", "ndimension"):
         return True
     if user.op == "call_method" and user.target == "size":
-        return len(user.args) == 2 and user.args[1] == 0 and not user.kwargs
+        return len(user.args) == 2 and bool(user.args[1] == 0) and not user.kwargs
     if user.op == "call_function" and user.target is getattr and user.args[1:] == ("shape",):
         return all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in user.users)
     return user.op == "call_function" and user.target is getattr and user.args[1] in ("dtype", "device", "ndim")

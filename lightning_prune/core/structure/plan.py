@@ -227,14 +227,14 @@ def _read_by_consumer(link: Link, work: Work) -> Tensor:
     return alive.any(0).view(-1, link.group).any(1)
 
 
-def _refused(name: str, module: nn.Module, reason: str, masks: Mapping[str, Tensor] | None) -> LayerPlan:
+def _refused(name: str, module: nn.Linear | nn.Conv2d, reason: str, masks: Mapping[str, Tensor] | None) -> LayerPlan:
     with torch.no_grad():
         dead = _no_input(_alive(name, module.weight.detach(), masks)).nonzero().flatten().tolist()
     return LayerPlan(name=name, units=module.weight.shape[0], status="refused", kept=tuple(dead), reason=reason)
 
 
 def _follow_all(
-    graph: Graph, layers: Mapping[str, nn.Module], masks: Mapping[str, Tensor] | None
+    graph: Graph, layers: Mapping[str, nn.Linear | nn.Conv2d], masks: Mapping[str, Tensor] | None
 ) -> tuple[dict[str, Link], dict[str, LayerPlan]]:
     """The supported links by producer, and the plans of the layers without one (refused or feeding the output)."""
     links: dict[str, Link] = {}
@@ -271,7 +271,7 @@ def _working_copies(links: Mapping[str, Link], graph: Graph, masks: Mapping[str,
     return work
 
 
-def _removable(name: str, module: nn.Module, link: Link, work: Work, notes: _Notes) -> LayerPlan:
+def _removable(name: str, module: nn.Linear | nn.Conv2d, link: Link, work: Work, notes: _Notes) -> LayerPlan:
     """The plan of a linked layer once the fixed point is reached."""
     removed = (~work.keep_out[name]).nonzero().flatten().tolist()
     alive = work.keep_out[name]

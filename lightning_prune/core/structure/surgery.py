@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -168,36 +168,39 @@ def _sliced_modules(
         out_keep, in_keep = work.keep_out[name], work.keep_in[name]
         weight = work.weight[name][out_keep][:, in_keep]
         new[name] = layer = layer_like(name, old, list(weight.shape))
-        _copy_parameter(layer.weight, weight, old.weight)
-        if work.bias[name] is not None:
-            _copy_parameter(layer.bias, work.bias[name][out_keep], old.bias)
+        _copy_parameter(layer, old, "weight", weight)
+        bias = work.bias[name]
+        if bias is not None:
+            _copy_parameter(layer, old, "bias", bias[out_keep])
         removed = (int((~out_keep).sum()), int((~in_keep).sum()))
-        changes[name] = LayerChange(name, type(old).__name__, tuple(old.weight.shape), tuple(weight.shape), *removed)
+        before = tuple(old.get_parameter("weight").shape)
+        changes[name] = LayerChange(name, type(old).__name__, before, tuple(weight.shape), *removed)
     for name, producer in work.norm_of.items():
         keep = work.keep_out[producer]
         if bool(keep.all()):
             continue
-        old = modules[name]
-        new[name] = _sliced_norm(name, old, keep)
+        norm = cast("nn.BatchNorm1d | nn.BatchNorm2d", modules[name])
+        new[name] = _sliced_norm(name, norm, keep)
         changes[name] = LayerChange(
-            name, type(old).__name__, (old.num_features,), (int(keep.sum()),), int((~keep).sum()), 0
+            name, type(norm).__name__, (norm.num_features,), (int(keep.sum()),), int((~keep).sum()), 0
         )
     return new, changes
 
 
-def _copy_parameter(param: Tensor, value: Tensor, old: Tensor) -> None:
+def _copy_parameter(new: nn.Module, old: nn.Module, name: str, value: Tensor) -> None:
+    param = new.get_parameter(name)
     param.copy_(value)
-    param.requires_grad_(old.requires_grad)
+    param.requires_grad_(old.get_parameter(name).requires_grad)
 
 
-def _sliced_norm(name: str, old: nn.Module, keep: Tensor) -> nn.Module:
+def _sliced_norm(name: str, old: nn.BatchNorm1d | nn.BatchNorm2d, keep: Tensor) -> nn.Module:
     norm = layer_like(name, old, [int(keep.sum())])
     if old.affine:
-        _copy_parameter(norm.weight, old.weight[keep], old.weight)
-        _copy_parameter(norm.bias, old.bias[keep], old.bias)
-    norm.running_mean.copy_(old.running_mean[keep])
-    norm.running_var.copy_(old.running_var[keep])
-    norm.num_batches_tracked.copy_(old.num_batches_tracked)
+        _copy_parameter(norm, old, "weight", old.weight[keep])
+        _copy_parameter(norm, old, "bias", old.bias[keep])
+    norm.get_buffer("running_mean").copy_(old.get_buffer("running_mean")[keep])
+    norm.get_buffer("running_var").copy_(old.get_buffer("running_var")[keep])
+    norm.get_buffer("num_batches_tracked").copy_(old.get_buffer("num_batches_tracked"))
     return norm
 
 
@@ -274,13 +277,17 @@ def layer_like(name: str, module: nn.Module, shape: Sequence[int], device: torch
                 f"The recorded shape of Conv2d {name!r} must be [out, in, {module.kernel_size[0]}, "
                 f"{module.kernel_size[1]}] (groups=1), got {shape}."
             )
+        # torch types the sizes of every _ConvNd as tuple[int, ...]; a Conv2d's are pairs.
+        sizes: dict[str, Any] = {
+            "kernel_size": module.kernel_size,
+            "stride": module.stride,
+            "padding": module.padding,
+            "dilation": module.dilation,
+        }
         layer = nn.Conv2d(
             shape[1],
             shape[0],
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
+            **sizes,
             bias=module.bias is not None,
             padding_mode=module.padding_mode,
             **kwargs,
