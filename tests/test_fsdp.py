@@ -16,7 +16,8 @@ import pytest
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_prune import NM, PruneRetrainCallback, Sensitivity
+from lightning_prune import NM, PruneRetrainCallback, PruneTrainer, Sensitivity
+from lightning_prune.core.export import load_sparse
 from lightning_prune.core.structure import remove_dead_units
 from lightning_prune.fit_checks import check_strategy
 
@@ -90,6 +91,14 @@ def test_a_full_checkpoint_holds_whole_masks_for_one_process_and_resumes_sharded
         assert bool((model.get_parameter(name)[~keep] == 0).all())
     report = remove_dead_units(model, torch.randn(4, 12), masks=masks)
     assert report.masks is not None
+    # The export path (`lightning-prune export`) reads the full checkpoint on one process.
+    trainer = PruneTrainer(
+        callbacks=[PruneRetrainCallback(prune_epochs=[1, 2], rounds=[{"level": 0.7}, {"level": 1.1}])]
+    )
+    trainer.export(ShardedMLP(), str(path), str(tmp_path / "model.sparse.safetensors"))
+    state, exported = load_sparse(tmp_path / "model.sparse.safetensors")
+    assert {name: int(keep.sum()) for name, keep in exported.items()} == {n: v[1] for n, v in first[0]["masks"].items()}
+    assert torch.equal(state["net.0.weight"], checkpoint["state_dict"]["net.0.weight"])
     resumed = run_script("resume", tmp_path, str(path))
     for rank in resumed:
         assert rank["masks"] == first[0]["masks"] and rank["violations"] == 0 and rank["zeros_match"]
