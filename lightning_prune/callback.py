@@ -31,7 +31,14 @@ from lightning_prune.core.settings import DropoutAdjustment, Logging, Regulariza
 from lightning_prune.core.structure import StructureReport, remove_dead_units
 from lightning_prune.core.validation import check_patterns, coerce
 from lightning_prune.dropout import DropoutControl
-from lightning_prune.fit_checks import check_rounds, check_sensitivity, check_shrink, check_strategy, clips_by_norm
+from lightning_prune.fit_checks import (
+    check_rounds,
+    check_sensitivity,
+    check_shrink,
+    check_strategy,
+    clips_by_norm,
+    example_input,
+)
 from lightning_prune.loggers import LoggerOutput
 from lightning_prune.phase import RetrainingPhase
 from lightning_prune.sensitivity import analyze_before_pruning
@@ -356,7 +363,7 @@ class PruneRetrainCallback(Callback):
 
     def _shrink(self, pl_module: pl.LightningModule) -> None:
         assert self.pruner is not None
-        example = move_data_to_device(pl_module.example_input_array, pl_module.device)
+        example = move_data_to_device(example_input(pl_module, "`shrink_at_end=True`"), pl_module.device)
         self.structure_report = remove_dead_units(pl_module, example, masks=self.pruner.masks)
         if self.structure_report.masks is not None:
             self.pruner.set_masks(self.structure_report.masks)

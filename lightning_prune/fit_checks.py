@@ -6,7 +6,10 @@ what to do; nothing is changed before the checks pass.
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 from lightning_prune.core.criteria import Criterion, get_criterion
@@ -16,7 +19,14 @@ from lightning_prune.core.schedule import Schedule
 from lightning_prune.core.settings import Sensitivity
 from lightning_prune.core.validation import check_levels
 
-__all__ = ["check_rounds", "check_sensitivity", "check_shrink", "check_strategy", "clips_by_norm"]
+__all__ = [
+    "check_rounds",
+    "check_sensitivity",
+    "check_shrink",
+    "check_strategy",
+    "clips_by_norm",
+    "example_input",
+]
 
 
 def check_sensitivity(settings: Sensitivity, criterion: Criterion) -> None:
@@ -92,12 +102,29 @@ def _check_sharded(schedule: Schedule, *, sensitivity: bool, shrink_at_end: bool
 
 
 def check_shrink(shrink_at_end: bool, model: pl.LightningModule) -> None:
-    """Removing dead units at the end needs ``example_input_array`` on the module."""
-    if shrink_at_end and model.example_input_array is None:
+    """Removing dead units at the end needs ``example_input_array`` on the module (see :func:`example_input`)."""
+    if shrink_at_end:
+        example_input(model, "`shrink_at_end=True`")
+
+
+def example_input(model: pl.LightningModule, what: str) -> torch.Tensor | tuple[Any, ...]:
+    """The module's ``example_input_array`` for dead-unit removal: a tensor or a tuple of positional inputs.
+
+    Raises:
+        ValueError: If it is missing, or a dict (removal traces the forward with positional inputs).
+    """
+    example = model.example_input_array
+    if example is None:
         raise ValueError(
-            "`shrink_at_end=True` needs `example_input_array` on the LightningModule (a batch its forward takes), "
+            f"{what} needs `example_input_array` on the LightningModule (a batch its forward takes), "
             "to trace the dataflow between layers and to check that outputs stay the same."
         )
+    if isinstance(example, dict):
+        raise ValueError(
+            f"{what} needs `example_input_array` as a tensor or a tuple of positional inputs; it is a dict with keys "
+            f"{sorted(example)}. Dead-unit removal traces the forward with positional inputs only."
+        )
+    return example
 
 
 def clips_by_norm(trainer: pl.Trainer, model: pl.LightningModule) -> bool:

@@ -14,6 +14,7 @@ from lightning_prune.checkpoint import CheckpointError, read_checkpoint
 from lightning_prune.core.export import SparseSizeReport, export_sparse
 from lightning_prune.core.selection import select_parameters
 from lightning_prune.core.structure import remove_dead_units, save_shrunk
+from lightning_prune.fit_checks import example_input
 from lightning_prune.rounds import PhaseResult, fit_rounds
 from lightning_prune.sensitivity import SensitivityResult, analyze
 
@@ -152,18 +153,18 @@ class PruneTrainer(pl.Trainer):
 
         Raises:
             CheckpointError: If the checkpoint cannot be read or does not fit the model.
-            ValueError: If the callback's state in it is from a newer version, or a mask is missing or mangled.
+            ValueError: If the callback's state in it is from a newer version, or a mask is missing or mangled;
+                with ``shrink``, if ``example_input_array`` is missing or a dict.
         """
+        example = example_input(model, "`shrink`") if shrink else None
         saved = read_checkpoint(checkpoint)
         _load_weights(model, saved, checkpoint)
         callback = self._prune_callback()
         masks = callback.masks_from_checkpoint(saved, model, checkpoint) if callback is not None else None
         if masks is None:
             masks = {name: model.get_parameter(name) != 0 for name in select_parameters(model)}
-        if shrink:
-            if model.example_input_array is None:
-                raise ValueError("`shrink` needs `example_input_array` on the LightningModule.")
-            report = remove_dead_units(model, model.example_input_array, masks=masks)  # type: ignore[arg-type]
+        if example is not None:
+            report = remove_dead_units(model, example, masks=masks)
             masks = report.masks or masks
             rank_zero_info(f"lightning-prune: removed dead units\n{report}")
             if shrunk_output is not None:

@@ -197,3 +197,16 @@ def test_export_of_a_damaged_checkpoint_fails_clearly_or_exports_the_same(tmp_pa
         outcomes["same export" if same else "DIFFERENT export"] += 1
     assert outcomes["DIFFERENT export"] == 0, outcomes
     assert outcomes["error:CheckpointError"] > 100, outcomes
+
+
+def test_a_dict_example_input_is_refused_before_training_and_by_export(tmp_path):
+    model = ToyMLP()
+    model.example_input_array = {"x": torch.randn(2, 8)}
+    prune = PruneRetrainCallback(prune_epochs=[1], shrink_at_end=True)
+    trainer = make_trainer(tmp_path, [prune], max_epochs=2)
+    with pytest.raises(
+        ValueError, match=r"`shrink_at_end=True` needs `example_input_array` as a tensor or a tuple.*\['x'\]"
+    ):
+        trainer.fit(model, toy_loader())
+    with pytest.raises(ValueError, match=r"`shrink` needs `example_input_array` as a tensor or a tuple"):
+        PruneTrainer(logger=False).export(model, str(tmp_path / "missing.ckpt"), shrink=True)
