@@ -513,12 +513,18 @@ class DropoutAdjuster:
         self.set({k: v for k, v in state.get("current", {}).items() if k in self.original})
 
 
-def layer_counts(masks: Mapping[str, torch.Tensor], layer_of: Mapping[str, str]) -> dict[str, tuple[int, int]]:
+def layer_counts(
+    masks: Mapping[str, torch.Tensor],
+    layer_of: Mapping[str, str],
+    whole: Mapping[str, tuple[int, int]] | None = None,
+) -> dict[str, tuple[int, int]]:
     """``{layer: (remaining, total)}``: the connections of each layer, summed over its weight masks.
 
     Connections are the entries of weights of two or more dimensions: an LSTM's ``weight_ih``/``weight_hh``
     add up, an attention block's ``in_proj_weight`` counts (its ``out_proj`` is a layer of its own), and
     so does a parametrized weight's masked tensor; biases and one-dimensional scales do not count.
+    ``whole`` gives a mask's ``(remaining, total)`` over all its shards where the mask is one process's
+    shard (FSDP); the others are counted from the mask.
 
     Example::
 
@@ -531,6 +537,7 @@ def layer_counts(masks: Mapping[str, torch.Tensor], layer_of: Mapping[str, str])
     counts: dict[str, tuple[int, int]] = {}
     for name, keep in masks.items():
         if keep.dim() >= 2 and "bias" not in name.rsplit(".", 1)[-1]:
+            alive, size = whole[name] if whole is not None and name in whole else (int(keep.sum()), keep.numel())
             remaining, total = counts.get(layer_of[name], (0, 0))
-            counts[layer_of[name]] = (remaining + int(keep.sum()), total + keep.numel())
+            counts[layer_of[name]] = (remaining + alive, total + size)
     return counts

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from lightning_prune.core.collective import Collective, count_true
 from lightning_prune.core.criteria import Criterion, Decision, LevelSpec, PruneContext, checked_decisions, get_criterion
 from lightning_prune.core.criteria.magnitude import surviving_std
+from lightning_prune.core.dropout import layer_counts
 from lightning_prune.core.enforcement import Enforcer
 from lightning_prune.core.masks import check_mask
 from lightning_prune.core.report import LayerStats
@@ -357,16 +358,16 @@ class Pruner:
         return any(is_sharded(self.parameter(name)) for name in self.layer_of)
 
     def layer_counts(self) -> dict[str, tuple[int, int]]:
-        """``{layer: (remaining, total)}`` connections of the weights pruned so far (over all shards).
+        """``{layer: (remaining, total)}`` connections of the weights pruned so far, over all shards.
 
-        As :func:`~lightning_prune.core.dropout.layer_counts`: weights of two or more dimensions, no biases.
+        :func:`~lightning_prune.core.dropout.layer_counts` of the masks, with each parameter's counts taken
+        from all of its shards (a target's counts are all-reduced when it is pruned).
         """
-        counts: dict[str, tuple[int, int]] = {}
+        whole: dict[str, tuple[int, int]] = {}
         for stats, target in zip(self.stats(), self.targets.values(), strict=True):
-            if target.param in self._masks and len(stats.shape) >= 2 and "bias" not in target.param.rsplit(".", 1)[-1]:
-                remaining, total = counts.get(target.layer, (0, 0))
-                counts[target.layer] = (remaining + stats.remaining, total + stats.weights)
-        return counts
+            remaining, total = whole.get(target.param, (0, 0))
+            whole[target.param] = (remaining + stats.remaining, total + stats.weights)
+        return layer_counts(self._masks, self.layer_of, whole)
 
     def counts(self) -> tuple[int, int]:
         """``(remaining, total)`` connections of the selected parameters."""
