@@ -5,13 +5,15 @@ Two measurements, one torch thread, in one process:
 * **per element**: in-place mask operations on fp32 tensors of 256K, 4M and 20M elements, 90% pruned,
   interleaved, median of per-call times, against ``g.mul_(1.0)`` (reads and writes the tensor once: the
   memory floor). ``enforce`` is what runs (an integer multiply of the tensor's bits by the mask's
-  ``uint8`` view, 1M elements at a time); the others are the alternatives and what ran before.
+  ``uint8`` view), once with the compiled kernel (``lightning_prune.core.native``, the default where a C
+  compiler is found) and once with PyTorch's (1M elements at a time); the others are the alternatives
+  and what ran before.
 * **step time**: an SGD (momentum 0.9, weight decay 5e-4) training step (forward, cross-entropy,
   backward, step) of the same network in several variants, alternated step by step in a random order,
   each iteration giving the ratio of each variant's step time to the plain one's; the table gives the
   median of those ratios. Variants: ``plain``; ``lightning-prune`` (90% of every Linear pruned,
-  ``Pruner.attach``: gradients masked at the step); ``lightning-prune, unchunked`` (the same with one
-  multiply per tensor, as before chunking); ``torch prune`` (``torch.nn.utils.prune.l1_unstructured``,
+  ``Pruner.attach``: gradients masked at the step, compiled kernel); ``lightning-prune, PyTorch kernel``
+  (the same with ``set_mask_kernel("torch")``); ``torch prune`` (``torch.nn.utils.prune.l1_unstructured``,
   what Lightning's ``ModelPruning`` applies: ``weight_orig`` and a float mask, recomputed in a forward
   pre-hook). The two lightning-prune variants start from the same weights and see the same batches;
   the script checks they end bit for bit equal.
@@ -41,9 +43,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-import lightning_prune.core.masks as masks
 from lightning_prune import Fraction, Pruner
 from lightning_prune.core.masks import enforce, multiplier
+from lightning_prune.core.native import MaskKernel, mask_kernel, native_status, set_mask_kernel
 
 AMOUNT = 0.9
 MODELS: dict[str, tuple[list[int], int]] = {
@@ -83,7 +85,8 @@ def _mask_operations(n: int) -> list[Callable[[], object]]:
     u8, as_float, as_i32, zero = multiplier(keep), keep.float(), keep.to(torch.int32).neg(), torch.zeros(())
     return [
         lambda: g.mul_(1.0),
-        lambda: enforce(g, u8),
+        lambda: (set_mask_kernel("auto"), enforce(g, u8)),
+        lambda: (set_mask_kernel("torch"), enforce(g, u8)),
         lambda: g.view(torch.int32).mul_(u8),
         lambda: g.mul_(u8),
         lambda: g.mul_(as_float),
@@ -102,7 +105,8 @@ def bench_micro(args: argparse.Namespace) -> str:
     rows: dict[str, list[str]] = {}
     meta = {
         "g.mul_(1.0): the floor": ("-", "-"),
-        "enforce(g, mask): what runs": ("1", "yes"),
+        "enforce(g, mask), compiled kernel: what runs": ("1", "yes"),
+        "enforce(g, mask), PyTorch kernel (1M-element chunks)": ("1", "yes"),
         "g.view(int32).mul_(uint8 mask), one call: before chunking": ("1", "yes"),
         "g.mul_(uint8 mask): before 2026-12-03": ("1", "no"),
         "g.mul_(float mask)": ("4", "no"),
@@ -127,7 +131,7 @@ def _variants(widths: list[int]) -> dict[str, tuple[nn.Module, torch.optim.Optim
     torch.manual_seed(0)
     base = mlp(widths)
     out: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
-    for name in ("plain", "lightning-prune", "lightning-prune, unchunked", "torch prune"):
+    for name in ("plain", "lightning-prune", "lightning-prune, PyTorch kernel", "torch prune"):
         model = copy.deepcopy(base)
         if name == "torch prune":
             for layer in model:
@@ -142,8 +146,10 @@ def _variants(widths: list[int]) -> dict[str, tuple[nn.Module, torch.optim.Optim
     return out
 
 
-def _step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, chunk: int) -> float:
-    masks.CHUNK = chunk
+def _step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, kernel: MaskKernel
+) -> float:
+    set_mask_kernel(kernel)
     start = time.perf_counter()
     optimizer.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
@@ -154,8 +160,7 @@ def _step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y
 def bench_steps(name: str, args: argparse.Namespace) -> str:
     widths, batch = MODELS[name]
     variants = _variants(widths)
-    chunk = masks.CHUNK
-    chunks = {k: (1 << 62 if k.endswith("unchunked") else chunk) for k in variants}
+    kernels: dict[str, MaskKernel] = {k: ("torch" if k.endswith("PyTorch kernel") else "auto") for k in variants}
     gen = torch.Generator().manual_seed(1)
     order, times = list(variants), {k: [] for k in variants}
     shuffle = random.Random(0)
@@ -164,11 +169,11 @@ def bench_steps(name: str, args: argparse.Namespace) -> str:
         x, y = torch.randn(batch, widths[0], generator=gen), torch.randint(0, widths[-1], (batch,), generator=gen)
         shuffle.shuffle(order)
         for k in order:
-            elapsed = _step(*variants[k], x, y, chunks[k])
+            elapsed = _step(*variants[k], x, y, kernels[k])
             if i >= args.skip:
                 times[k].append(elapsed)
-    masks.CHUNK = chunk
-    a, b = variants["lightning-prune"][0], variants["lightning-prune, unchunked"][0]
+    set_mask_kernel("auto")
+    a, b = variants["lightning-prune"][0], variants["lightning-prune, PyTorch kernel"][0]
     same = all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     weights = sum(m.weight.numel() for m in a if isinstance(m, nn.Linear))
     lines = [
@@ -204,7 +209,9 @@ def main(argv: list[str] | None = None) -> None:
         tables.append(bench_micro(args))
     if args.only in (None, "steps"):
         tables.extend(bench_steps(name, args) for name in args.models)
+    set_mask_kernel("auto")
     print(f"- CPU: {platform.processor() or platform.machine()}; torch threads: 1; torch {torch.__version__}")
+    print(f"- Compiled mask kernel: {mask_kernel() == 'native'} ({native_status()})")
     print(f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; wall time "
           f"{time.perf_counter() - start:.0f} s")  # fmt: skip
     for table in tables:

@@ -337,7 +337,7 @@ def bench_masking(args: argparse.Namespace) -> str:
         "w.masked_fill_(pruned, 0), inverse precomputed": lambda: w.masked_fill_(pruned, 0),
         "torch.where(mask, w, 0) (not in place)": lambda: torch.where(keep, w, 0.0),
         "torch.where(mask, w, zero, out=w) (NaN-safe)": lambda: torch.where(keep, w, zero, out=w),
-        "w.view(torch.int32).mul_(bool_mask.view(torch.uint8)) (NaN-safe, what runs)": lambda: enforce(w, view_uint8),
+        "enforce(w, bool_mask.view(torch.uint8)) (NaN-safe, what runs)": lambda: enforce(w, view_uint8),
     }
     extra_bytes = {
         "w.mul_(bool_mask)": keep.nbytes,
@@ -348,7 +348,7 @@ def bench_masking(args: argparse.Namespace) -> str:
         "w.masked_fill_(pruned, 0), inverse precomputed": pruned.nbytes,
         "torch.where(mask, w, 0) (not in place)": keep.nbytes,
         "torch.where(mask, w, zero, out=w) (NaN-safe)": keep.nbytes,
-        "w.view(torch.int32).mul_(bool_mask.view(torch.uint8)) (NaN-safe, what runs)": keep.nbytes,
+        "enforce(w, bool_mask.view(torch.uint8)) (NaN-safe, what runs)": keep.nbytes,
     }
     for fn in cases.values():  # warm-up
         for _ in range(20):

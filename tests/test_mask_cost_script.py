@@ -10,7 +10,8 @@ def test_mask_cost_script_runs_both_parts_quickly(capsys, monkeypatch):
     mask_cost.main(["--models", "lenet300", "--steps", "3", "--skip", "1", "--sizes", "1000", "3000",
                     "--micro-rounds", "2", "--micro-elements", "3000"])  # fmt: skip
     out = capsys.readouterr().out
-    assert "| `enforce(g, mask): what runs` | 1 | yes |" in out
-    for variant in ("plain", "lightning-prune", "lightning-prune, unchunked", "torch prune"):
+    assert "| `enforce(g, mask), compiled kernel: what runs` | 1 | yes |" in out
+    assert "| `enforce(g, mask), PyTorch kernel (1M-element chunks)` | 1 | yes |" in out
+    for variant in ("plain", "lightning-prune", "lightning-prune, PyTorch kernel", "torch prune"):
         assert f"| {variant} |" in out
     assert "end with bit-identical weights: True" in out

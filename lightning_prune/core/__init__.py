@@ -34,6 +34,7 @@ from lightning_prune.core.export import (
 )
 from lightning_prune.core.guard import Guard, GuardController, Verdict
 from lightning_prune.core.masks import mask_gradients, mask_weights, zero_optimizer_state
+from lightning_prune.core.native import mask_kernel, set_mask_kernel
 from lightning_prune.core.pruner import Pruner, PruningError
 from lightning_prune.core.report import LayerStats, format_table
 from lightning_prune.core.schedule import Round, Schedule
@@ -93,6 +94,7 @@ __all__ = [
     "load_sparse",
     "load_sparse_into",
     "mask_gradients",
+    "mask_kernel",
     "mask_weights",
     "register_criterion",
     "registered_criteria",
@@ -105,6 +107,7 @@ __all__ = [
     "select_parameters",
     "select_targets",
     "semi_structured_problems",
+    "set_mask_kernel",
     "shapes",
     "sparse_size_report",
     "std_mask",

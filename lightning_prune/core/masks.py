@@ -7,7 +7,8 @@ alive entry bit for bit as it was, ``bits * 0`` writes an exact ``+0.0`` at a pr
 held. A floating-point multiply would not do: ``NaN * 0`` and ``inf * 0`` are ``NaN``, so one non-finite
 gradient at a pruned entry would turn its weight and optimizer state into ``NaN``. The integer multiply
 runs as fast as the float one, and much faster than ``torch.where`` or ``masked_fill_`` on CPU
-(``docs/benchmarks.md``).
+(``docs/benchmarks.md``). On the CPU, a compiled loop does the same multiply near the memory floor when a
+C compiler is at hand (:mod:`lightning_prune.core.native`), with the same bits.
 
 A parameter sharded by FSDP2 (a ``DTensor``) is masked through its local shard: its mask, its gradient's
 and its optimizer state's shards are all shaped alike, and nothing is gathered.
@@ -20,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lightning_prune.core.native import enforce_native
 from lightning_prune.core.sharding import local
 
 __all__ = [
@@ -65,7 +67,9 @@ def enforce(tensor: Tensor, mult: Tensor) -> None:
     """Write an exact zero into ``tensor`` wherever ``mult`` (a :func:`multiplier`) is 0, in place; NaN and inf too.
 
     Alive entries keep their bits exactly (NaN included). Floating-point tensors are multiplied as integers of
-    their width; other dtypes by value. Large contiguous CPU tensors go :data:`CHUNK` elements at a time.
+    their width; other dtypes by value. Contiguous CPU tensors go to the compiled kernel when it is the one
+    chosen (:func:`lightning_prune.core.native.set_mask_kernel`); otherwise large ones go :data:`CHUNK`
+    elements at a time.
 
     Example::
 
@@ -74,6 +78,8 @@ def enforce(tensor: Tensor, mult: Tensor) -> None:
         >>> t
         tensor([0., 2., 0., nan])
     """
+    if enforce_native(tensor, mult):
+        return
     bits = _BITS.get(tensor.dtype)
     target = tensor.view(bits) if bits is not None else tensor
     n = target.numel()

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_prune.core import native
 from lightning_prune.core.masks import enforce, mask_gradients, mask_weights, multiplier, zero_optimizer_state
 
 
@@ -48,8 +49,17 @@ def test_multiplier_of_non_contiguous_mask_is_a_view():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["torch", "native"])
+def kernel(request, monkeypatch):
+    """Each mask kernel in turn (the compiled one skipped where it cannot be built)."""
+    if request.param == "native" and native.mask_kernel() != "native":
+        pytest.skip(f"the compiled mask kernel is {native.native_status()}")
+    monkeypatch.setattr(native, "_choice", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_enforce_writes_exact_zeros_over_nan_and_inf_and_keeps_alive_bits(dtype):
+def test_enforce_writes_exact_zeros_over_nan_and_inf_and_keeps_alive_bits(dtype, kernel):
     t = torch.tensor([float("nan"), float("inf"), -float("inf"), -3.0, float("nan"), -2.0], dtype=dtype)
     keep = torch.tensor([False, False, False, False, True, True])
     before = t.clone()
@@ -60,7 +70,7 @@ def test_enforce_writes_exact_zeros_over_nan_and_inf_and_keeps_alive_bits(dtype)
     assert torch.equal(t[keep].view(int_view), before[keep].view(int_view))  # NaN bits included
 
 
-def test_enforce_on_a_non_contiguous_view_and_a_non_float_tensor():
+def test_enforce_on_a_non_contiguous_view_and_a_non_float_tensor(kernel):
     w = torch.randn(3, 4)
     keep = torch.rand(3, 4) > 0.5
     expected = w * keep
@@ -260,6 +270,7 @@ def test_chunked_enforce_gives_the_bits_of_one_multiply(monkeypatch, dtype):
     bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
     expected.view(bits).mul_(keep.view(torch.uint8))
     monkeypatch.setattr(masks, "CHUNK", 1000)  # 11 chunks, the last one short
+    monkeypatch.setattr(native, "_choice", "torch")
     enforce(t, multiplier(keep))
     assert torch.equal(t.view(bits), expected.view(bits))
 
@@ -268,6 +279,7 @@ def test_enforce_on_a_large_non_contiguous_view_falls_back_to_one_multiply(monke
     import lightning_prune.core.masks as masks
 
     monkeypatch.setattr(masks, "CHUNK", 10)
+    monkeypatch.setattr(native, "_choice", "torch")
     w = torch.randn(40, 30)
     keep = torch.rand(40, 30) > 0.5
     expected = w * keep
