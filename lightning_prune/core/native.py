@@ -290,7 +290,17 @@ def enforce_native(tensor: Tensor, mult: Tensor) -> bool:
     n = tensor.numel()
     threads = max(1, min(torch.get_num_threads(), n // PER_THREAD))
     function(tensor.data_ptr(), mult.data_ptr(), n, width, threads)
+    _increment_version(tensor)
     return True
+
+
+def _increment_version(tensor: Tensor) -> None:
+    """Count the write as an in-place op would, so autograd still detects a saved tensor changed under it."""
+    increment = getattr(torch.autograd.graph, "increment_version", None)
+    if increment is not None:
+        increment(tensor)
+    else:  # older torch: an in-place op on an empty view bumps the version the view shares
+        tensor.view(-1)[:0].add_(0)
 
 
 def _is_compiling() -> bool:

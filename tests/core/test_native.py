@@ -179,3 +179,20 @@ def test_the_environment_variable_refuses_an_unknown_kernel(tmp_path):
     run = subprocess.run([sys.executable, "-c", "import lightning_prune"], env=env, capture_output=True, text=True)
     assert run.returncode != 0
     assert "LIGHTNING_PRUNE_MASK_KERNEL must be one of 'auto', 'native', 'torch', got 'fast'" in run.stderr
+
+
+@needs_compiler
+@pytest.mark.parametrize("api", [True, False])
+def test_a_compiled_write_is_counted_like_an_in_place_op(fresh, monkeypatch, api):
+    if not api:
+        monkeypatch.delattr(torch.autograd.graph, "increment_version")
+    w = torch.randn(8, requires_grad=True)
+    x = w * 1.0
+    loss = (x * x).sum()  # saves x for the backward pass
+    version = x._version
+    with torch.no_grad():
+        enforce(x, multiplier(torch.rand(8) > 0.5))
+    assert native.mask_kernel() == "native"
+    assert x._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
