@@ -293,6 +293,10 @@ class PruneRetrainCallback(Callback):
             notice = reporting.unpruned_notice(dense_tensors(pl_module, list(self.pruner.targets.values())))
             if notice is not None:
                 rank_zero_info(notice)
+            on_cpu = any(self.pruner.parameter(t.param).device.type == "cpu" for t in self.pruner.targets.values())
+            notice = reporting.mask_kernel_notice(on_cpu)
+            if notice is not None:
+                rank_zero_info(notice)
         if not self.pruner.masks:
             self.logger_output.log_weights(trainer, self.pruner, "before", k + 1)
         stats = self.pruner.prune(**round_.prune_kwargs())

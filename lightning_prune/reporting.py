@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from lightning_prune.core.native import fallback_reason
 from lightning_prune.core.report import LayerStats, format_table
 from lightning_prune.core.schedule import Round
 from lightning_prune.core.structure import StructureReport
@@ -92,6 +93,23 @@ def log_progress(pl_module: pl.LightningModule, sparsity: float, rounds_done: in
     """Log ``prune/sparsity`` and ``prune/round``."""
     pl_module.log("prune/sparsity", sparsity, on_epoch=True, sync_dist=True)
     pl_module.log("prune/round", float(rounds_done), on_epoch=True, sync_dist=True)
+
+
+def mask_kernel_notice(on_cpu: bool) -> str | None:
+    """The line saying that masks on the CPU fall back to PyTorch's slower multiply, and why; ``None`` otherwise.
+
+    Example::
+
+        >>> mask_kernel_notice(on_cpu=False) is None
+        True
+    """
+    reason = fallback_reason() if on_cpu else None
+    if reason is None:
+        return None
+    return (
+        f"lightning-prune: masks on the CPU use PyTorch's multiply, about 2-3x slower than the compiled kernel, "
+        f"which is {reason} (docs: usage, 'The mask kernel')."
+    )
 
 
 def unpruned_notice(dense: Sequence[tuple[str, int, float]]) -> str | None:

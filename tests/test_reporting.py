@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import csv
+import logging
 
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from toy_models import ToyData, ToyMLP, make_trainer
 
-from lightning_prune import LayerStats, PruneRetrainCallback, Retraining, Round, Std, format_table
+from lightning_prune import Fraction, LayerStats, PruneRetrainCallback, Retraining, Round, Std, format_table
+from lightning_prune.core import native
 from lightning_prune.dropout import DropoutControl
-from lightning_prune.reporting import prune_report, round_summary
+from lightning_prune.reporting import mask_kernel_notice, prune_report, round_summary
 
 STATS = [
     LayerStats("net.0.weight", (32, 12), 384, 96, 0.25, "1.00 x std"),
@@ -81,3 +83,26 @@ def test_logged_keys_in_a_real_logger(tmp_path):
     for stat in prune.pruner.stats():
         assert float(by_epoch[2][f"prune/remaining_pct/{stat.name}"]) == pytest.approx(stat.remaining_pct, rel=1e-6)
     assert float(by_epoch[1]["prune/sparsity"]) < float(by_epoch[2]["prune/sparsity"])
+
+
+@pytest.mark.parametrize("loaded", [True, False])
+def test_a_fit_says_once_when_cpu_masks_fall_back_to_pytorchs_multiply(tmp_path, caplog, monkeypatch, loaded):
+    if loaded and native.mask_kernel() != "native":
+        pytest.skip(f"the compiled mask kernel is {native.native_status()}")
+    if not loaded:
+        monkeypatch.setattr(native, "_function", None)
+        monkeypatch.setattr(native, "_status", "unavailable: no C compiler was found (set CC, or install cc)")
+    prune = PruneRetrainCallback(criterion=Fraction(), prune_epochs=[0, 1], rounds=[{"level": 0.5}, {"level": 0.7}])
+    with caplog.at_level(logging.INFO):
+        make_trainer(tmp_path, [prune], max_epochs=2).fit(ToyMLP(), datamodule=ToyData())
+    notice = "masks on the CPU use PyTorch's multiply, about 2-3x slower than the compiled kernel, which is unavailable"
+    assert caplog.text.count(notice) == (0 if loaded else 1)
+
+
+def test_no_mask_kernel_notice_off_the_cpu_or_by_choice(monkeypatch):
+    monkeypatch.setattr(native, "_function", None)
+    monkeypatch.setattr(native, "_status", "unavailable: no C compiler was found")
+    assert mask_kernel_notice(on_cpu=False) is None
+    assert "which is unavailable: no C compiler was found" in mask_kernel_notice(on_cpu=True)
+    monkeypatch.setattr(native, "_choice", "torch")
+    assert mask_kernel_notice(on_cpu=True) is None

@@ -39,7 +39,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["PER_THREAD", "MaskKernel", "enforce_native", "mask_kernel", "native_status", "set_mask_kernel"]
+__all__ = [
+    "PER_THREAD",
+    "MaskKernel",
+    "enforce_native",
+    "fallback_reason",
+    "mask_kernel",
+    "native_status",
+    "set_mask_kernel",
+]
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +135,17 @@ def _cache_dir() -> Path:
     configured = os.environ.get("LIGHTNING_PRUNE_CACHE_DIR")
     if configured:
         return Path(configured)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no home folder to be found
+            return _temporary_dir()
     return Path(base) / "lightning_prune"
+
+
+def _temporary_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"lightning_prune-{os.getuid()}"
 
 
 def _compiler() -> str | None:
@@ -193,7 +210,7 @@ def _load() -> _Kernel | None:
         try:
             library = _build(compiler, _cache_dir())
         except OSError:
-            library = _build(compiler, Path(tempfile.gettempdir()) / f"lightning_prune-{os.getuid()}")
+            library = _build(compiler, _temporary_dir())
         loaded = ctypes.CDLL(str(library)).lp_enforce
         loaded.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
         loaded.restype = ctypes.c_int
@@ -248,6 +265,20 @@ def native_status() -> str:
         True
     """
     return _status or "not built"
+
+
+def fallback_reason() -> str | None:
+    """Why CPU tensors are masked by PyTorch's multiply under ``"auto"``; ``None`` if they are not, or by choice.
+
+    Example::
+
+        >>> set_mask_kernel("torch"); fallback_reason() is None
+        True
+        >>> set_mask_kernel("auto")
+    """
+    if _choice != "auto" or _active() is not None:
+        return None
+    return _status
 
 
 def _active() -> _Kernel | None:

@@ -196,3 +196,19 @@ def test_a_compiled_write_is_counted_like_an_in_place_op(fresh, monkeypatch, api
     assert x._version > version
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@needs_compiler
+def test_without_a_home_folder_the_kernel_is_cached_in_the_temporary_folder(fresh, monkeypatch):
+    monkeypatch.delenv("LIGHTNING_PRUNE_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(native.Path, "home", lambda: (_ for _ in ()).throw(RuntimeError("no home")))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(fresh / "tmp"))
+    assert native.mask_kernel() == "native"
+    assert native.native_status().startswith(f"loaded from {fresh / 'tmp'}")
+
+
+def test_the_cache_folder_follows_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("LIGHTNING_PRUNE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert native._cache_dir() == tmp_path / "lightning_prune"
