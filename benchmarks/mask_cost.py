@@ -1,6 +1,6 @@
 """What keeping pruned weights at zero costs: per element, and in training-step time against plain training.
 
-Two measurements, one torch thread, in one process:
+Two measurements, in one process, one torch thread unless ``--threads`` says otherwise:
 
 * **per element**: in-place mask operations on fp32 tensors of 256K, 4M and 20M elements, 90% pruned,
   interleaved, median of per-call times, against ``g.mul_(1.0)`` (reads and writes the tensor once: the
@@ -23,6 +23,7 @@ Usage::
     python benchmarks/mask_cost.py                                # everything (~3 min on 2 cores)
     python benchmarks/mask_cost.py --only micro
     python benchmarks/mask_cost.py --only steps --models lenet300 --steps 200
+    python benchmarks/mask_cost.py --threads 2                    # both cores
 
 Prints markdown tables with machine info on stdout.
 """
@@ -199,10 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--skip", type=int, default=3, help="unmeasured warm-up steps")
     p.add_argument("--sizes", nargs="+", type=int, default=[262_144, 4_194_304, 20_000_000])
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--micro-rounds", type=int, default=15)
     p.add_argument("--micro-elements", type=int, default=20_000_000, help="elements touched per sample")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     tables = []
     if args.only in (None, "micro"):
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "steps"):
         tables.extend(bench_steps(name, args) for name in args.models)
     set_mask_kernel("auto")
-    print(f"- CPU: {platform.processor() or platform.machine()}; torch threads: 1; torch {torch.__version__}")
+    cpu = platform.processor() or platform.machine()
+    print(f"- CPU: {cpu}; torch threads: {torch.get_num_threads()}; torch {torch.__version__}")
     print(f"- Compiled mask kernel: {mask_kernel() == 'native'} ({native_status()})")
     print(f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; wall time "
           f"{time.perf_counter() - start:.0f} s")  # fmt: skip

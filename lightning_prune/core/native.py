@@ -3,10 +3,11 @@
 PyTorch's CPU multiply of an integer tensor by a ``uint8`` one converts the mask element by element
 without vectorizing, 3-15x slower than reading and writing the tensor once. This module builds a loop
 that multiplies a tensor's bits by the mask in place (what :func:`lightning_prune.core.masks.enforce`
-computes, bit for bit), vectorized by the compiler and split over threads on large tensors: about
-1.1-1.4x that floor (``docs/benchmarks.md``, "Mask cost"). It needs no PyTorch headers, no ninja and
-no Python build step: ``cc -O3 -shared`` compiles it in a fraction of a second, ``ctypes`` loads it, and
-the library is cached (``~/.cache/lightning_prune``, or ``$LIGHTNING_PRUNE_CACHE_DIR``).
+computes, bit for bit), vectorized by the compiler: about 1.2x that floor (``docs/benchmarks.md``,
+"Mask cost with the compiled kernel"). It needs no PyTorch headers, no ninja and no Python build step:
+``cc -O3 -shared`` compiles it in a fraction of a second, ``ctypes`` loads it, and the library is cached
+(``~/.cache/lightning_prune``, or ``$LIGHTNING_PRUNE_CACHE_DIR``). It runs on the calling thread, so with
+several torch threads large tensors stay with PyTorch's multiply, which splits them (:data:`SERIAL_LIMIT`).
 
 Which kernel masks CPU tensors is process-wide: ``"auto"`` (the default) uses the compiled one when it
 builds and passes its self-test and PyTorch's otherwise; ``"native"`` requires it (and raises when it
@@ -40,7 +41,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "PER_THREAD",
+    "SERIAL_LIMIT",
     "MaskKernel",
     "enforce_native",
     "fallback_reason",
@@ -55,12 +56,13 @@ MaskKernel = Literal["auto", "native", "torch"]
 """The choices of :func:`set_mask_kernel`."""
 _KERNELS: tuple[str, ...] = ("auto", "native", "torch")
 
-PER_THREAD = 1 << 20
-"""Elements per thread: a tensor of ``k * PER_THREAD`` elements or more is split over up to ``k`` of
-``torch.get_num_threads()`` threads (starting a thread costs about as much as masking 100K elements)."""
+SERIAL_LIMIT = 1 << 20
+"""With more than one torch thread, tensors of more elements than this are left to PyTorch's multiply,
+which splits them over its threads. The compiled kernel runs on the calling thread only: threads of its
+own would compete with PyTorch's workers, which spin for a while after each parallel op, and measured
+no faster than one (``docs/benchmarks.md``, "Mask cost with the compiled kernel")."""
 
 SOURCE = r"""
-#include <pthread.h>
 #include <stdint.h>
 
 #if defined(__x86_64__) && defined(__ELF__) && defined(__GNUC__) && !defined(LP_NO_CLONES)
@@ -78,44 +80,11 @@ LP_KERNEL(lp_mask16, uint16_t)
 LP_KERNEL(lp_mask32, uint32_t)
 LP_KERNEL(lp_mask64, uint64_t)
 
-typedef struct {
-    char *data;
-    const uint8_t *keep;
-    int64_t n;
-    int width;
-} lp_job;
-
-static void *lp_run(void *arg) {
-    lp_job *job = (lp_job *)arg;
-    if (job->width == 2) lp_mask16((uint16_t *)job->data, job->keep, job->n);
-    else if (job->width == 4) lp_mask32((uint32_t *)job->data, job->keep, job->n);
-    else lp_mask64((uint64_t *)job->data, job->keep, job->n);
-    return 0;
-}
-
-int lp_enforce(void *data, const void *keep, int64_t n, int width, int threads) {
-    enum { MAX_THREADS = 64 };
-    lp_job jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS];
-    if (width != 2 && width != 4 && width != 8) return -1;
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    int64_t per = ((n + threads - 1) / threads + 63) / 64 * 64;
-    int count = 0;
-    for (int64_t start = 0; start < n; start += per) {
-        jobs[count].data = (char *)data + start * width;
-        jobs[count].keep = (const uint8_t *)keep + start;
-        jobs[count].n = n - start < per ? n - start : per;
-        jobs[count].width = width;
-        ++count;
-    }
-    for (int t = 1; t < count; ++t) started[t] = pthread_create(&ids[t], 0, lp_run, &jobs[t]) == 0;
-    if (count > 0) lp_run(&jobs[0]);
-    for (int t = 1; t < count; ++t) {
-        if (started[t]) pthread_join(ids[t], 0);
-        else lp_run(&jobs[t]);
-    }
+int lp_enforce(void *data, const void *keep, int64_t n, int width) {
+    if (width == 2) lp_mask16((uint16_t *)data, (const uint8_t *)keep, n);
+    else if (width == 4) lp_mask32((uint32_t *)data, (const uint8_t *)keep, n);
+    else if (width == 8) lp_mask64((uint64_t *)data, (const uint8_t *)keep, n);
+    else return -1;
     return 0;
 }
 """
@@ -123,8 +92,8 @@ int lp_enforce(void *data, const void *keep, int64_t n, int width, int threads) 
 
 _WIDTHS: dict[torch.dtype, int] = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
 
-_Kernel = Callable[[int, int, int, int, int], int]
-"""``lp_enforce(data, keep, n, width, threads)``."""
+_Kernel = Callable[[int, int, int, int], int]
+"""``lp_enforce(data, keep, n, width)``."""
 
 _choice: str = "auto"
 _function: _Kernel | None = None
@@ -157,7 +126,7 @@ def _compiler() -> str | None:
 
 def _build(compiler: str, directory: Path) -> Path:
     """Compile :data:`SOURCE` into ``directory`` (atomically: parallel processes may race) and return the library."""
-    flags = ["-O3", "-shared", "-fPIC", "-pthread"]
+    flags = ["-O3", "-shared", "-fPIC"]
     key = hashlib.sha256("\0".join([SOURCE, compiler, *flags, platform.machine(), sys.platform]).encode()).hexdigest()
     library = directory / f"mask_kernel-{key[:16]}.so"
     if library.exists():
@@ -191,7 +160,7 @@ def _self_test(function: _Kernel) -> None:
         keep = torch.rand(1000, generator=generator) < 0.5
         bits = values.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[_WIDTHS[dtype]])
         expected = bits * keep.view(torch.uint8)
-        function(bits.data_ptr(), keep.data_ptr(), bits.numel(), _WIDTHS[dtype], 2)
+        function(bits.data_ptr(), keep.data_ptr(), bits.numel(), _WIDTHS[dtype])
         if not torch.equal(bits, expected):
             raise RuntimeError(f"its self-test gave other bits than PyTorch's multiply for {dtype}")
 
@@ -212,7 +181,7 @@ def _load() -> _Kernel | None:
         except OSError:
             library = _build(compiler, _temporary_dir())
         loaded = ctypes.CDLL(str(library)).lp_enforce
-        loaded.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+        loaded.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
         loaded.restype = ctypes.c_int
         function: _Kernel = loaded
         _self_test(function)
@@ -294,8 +263,9 @@ def enforce_native(tensor: Tensor, mult: Tensor) -> bool:
     """Mask ``tensor`` in place with the compiled kernel, if it applies; ``True`` if it did.
 
     It applies to contiguous floating-point CPU tensors of 2, 4 or 8 bytes with a contiguous ``uint8``
-    multiplier of as many elements, outside ``torch.compile`` tracing, when the kernel chosen by
-    :func:`set_mask_kernel` is the compiled one. Otherwise nothing is touched.
+    multiplier of as many elements, of at most :data:`SERIAL_LIMIT` elements unless torch runs one thread,
+    outside ``torch.compile`` tracing, when the kernel chosen by :func:`set_mask_kernel` is the compiled
+    one. Otherwise nothing is touched.
 
     Example::
 
@@ -312,6 +282,7 @@ def enforce_native(tensor: Tensor, mult: Tensor) -> bool:
         or mult.dtype != torch.uint8
         or mult.numel() != tensor.numel()
         or not (tensor.is_contiguous() and mult.is_contiguous())
+        or (tensor.numel() > SERIAL_LIMIT and torch.get_num_threads() > 1)
         or _is_compiling()
     ):
         return False
@@ -319,8 +290,7 @@ def enforce_native(tensor: Tensor, mult: Tensor) -> bool:
     if function is None:
         return False
     n = tensor.numel()
-    threads = max(1, min(torch.get_num_threads(), n // PER_THREAD))
-    function(tensor.data_ptr(), mult.data_ptr(), n, width, threads)
+    function(tensor.data_ptr(), mult.data_ptr(), n, width)
     _increment_version(tensor)
     return True
 

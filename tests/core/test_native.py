@@ -39,10 +39,9 @@ def _expected(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     n=st.integers(0, 3000),
     dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
     density=st.floats(0, 1),
-    threads=st.integers(1, 5),
     seed=st.integers(0, 2**16),
 )
-def test_the_compiled_kernel_gives_the_bits_of_the_integer_multiply(n, dtype, density, threads, seed):
+def test_the_compiled_kernel_gives_the_bits_of_the_integer_multiply(n, dtype, density, seed):
     g = torch.Generator().manual_seed(seed)
     t = torch.randn(n, generator=g).to(dtype)
     specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0], dtype=dtype)
@@ -53,24 +52,25 @@ def test_the_compiled_kernel_gives_the_bits_of_the_integer_multiply(n, dtype, de
     expected = _expected(t, keep)
     function = native._load()
     assert function is not None, native.native_status()
-    function(t.data_ptr(), keep.data_ptr(), n, t.element_size(), threads)  # threads split the tensor
+    assert function(t.data_ptr(), keep.data_ptr(), n, t.element_size()) == 0
     assert torch.equal(t.view(BITS[t.element_size()]), expected)
 
 
 @needs_compiler
-def test_enforce_splits_a_large_tensor_over_threads_with_the_same_bits(fresh, monkeypatch):
-    monkeypatch.setattr(native, "PER_THREAD", 1000)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
+@pytest.mark.parametrize(("threads", "n", "compiled"), [(1, 10_007, True), (3, 1000, True), (3, 10_007, False)])
+def test_with_several_torch_threads_large_tensors_stay_with_pytorch(fresh, monkeypatch, threads, n, compiled):
+    monkeypatch.setattr(native, "SERIAL_LIMIT", 5000)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        t = torch.randn(10_007)
+        t = torch.randn(n)
         t[::13] = float("nan")
-        keep = torch.rand(10_007) > 0.6
+        keep = torch.rand(n) > 0.6
         expected = _expected(t, keep)
+        assert native.enforce_native(t.clone(), multiplier(keep)) is compiled
         enforce(t, multiplier(keep))
     finally:
-        torch.set_num_threads(threads)
-    assert native.mask_kernel() == "native"
+        torch.set_num_threads(before)
     assert torch.equal(t.view(torch.int32), expected)
 
 
