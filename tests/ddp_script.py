@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from dist_exit import leave
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from toy_models import ToyMLP, ToySequence, token_loader, toy_loader
 
@@ -87,11 +88,7 @@ def main() -> None:
     rank = int(torch.distributed.get_rank()) if torch.distributed.is_initialized() else 0
     result.update(masks=checksums(prune), done_rounds=prune.schedule.done, rank=rank)
     (out / f"{mode}-rank{rank}.json").write_text(json.dumps(result))
-    if torch.distributed.is_initialized():
-        # Lightning leaves the gloo group alive; torn down at interpreter exit, its threads can abort the
-        # process ("terminate called without an active exception", exit code -6) after a finished fit
-        # (pytorch/pytorch#190489). Seen once in CI on 2026-12-01.
-        torch.distributed.destroy_process_group()
+    leave()  # Lightning leaves the gloo group alive
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from dist_exit import leave
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
@@ -114,8 +115,7 @@ def core(rank: int, out: Path) -> None:
     report["finite"] = all(bool(torch.isfinite(local(p.detach())).all()) for p in model.parameters())
     report["sharded"] = pruner.sharded and all(is_sharded(p) for p in model.parameters())
     (out / f"core-rank{rank}.json").write_text(json.dumps(report))
-    torch.distributed.barrier()  # neither rank tears gloo down while the other still talks: an abort at exit
-    torch.distributed.destroy_process_group()
+    leave()
 
 
 class ShardedMLP(pl.LightningModule):
@@ -271,9 +271,7 @@ def main() -> None:
         rounds(out)
     else:
         fit(mode, out, ckpt)
-    if torch.distributed.is_initialized():  # Lightning leaves its gloo group alive (see tests/ddp_script.py)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave()  # Lightning leaves its gloo group alive
 
 
 if __name__ == "__main__":
