@@ -242,8 +242,12 @@ class PruneRetrainCallback(Callback):
     def _enter_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.pruner is not None
         self.phase.enter(trainer, pl_module, self.schedule.active)
+        self._apply_dropout()
+
+    def _apply_dropout(self) -> None:
         if self.dropout is not None:
-            self.dropout.apply(self.pruner.layer_counts())
+            assert self.pruner is not None
+            self.dropout.apply({**self.pruner.layer_counts(), **self.pruner.parameter_counts()})
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Close the round in force (summary, guard), then run the rounds due at this epoch."""
@@ -343,8 +347,7 @@ class PruneRetrainCallback(Callback):
 
     def _end_trace(self, trainer: pl.Trainer) -> None:
         if self.dropout is not None and self.dropout.end_trace(trainer):
-            assert self.pruner is not None
-            self.dropout.apply(self.pruner.layer_counts())
+            self._apply_dropout()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer

@@ -62,7 +62,7 @@ class DropoutControl:
         return self._link(seen["order"], seen["links"], seen["failed"])
 
     def _link(self, order: list[str], links: Mapping[str, list[str]], failed: str | None) -> bool:
-        adjusting = any(p > 0 for p in self.adjuster.original.values())
+        adjusting = any(p > 0 for name, p in self.adjuster.original.items() if name not in self.adjuster.inner)
         fix = "Set the links with `DropoutAdjustment(links={dropout: layer})` where these are wrong."
         if not order:
             if adjusting:

@@ -110,3 +110,31 @@ def test_sensitivity_sweeps_each_layer_with_all_its_targets_and_restores_the_mod
         r.pruned_share == pytest.approx(level, abs=0.01) for r, level in zip(split.rows, [0.5, 0.9] * 6, strict=True)
     )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class StackedSequence(ToySequence):
+    """ToySequence with a 2-layer LSTM: PyTorch's dropout between its layers is adjusted like a module's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = torch.nn.LSTM(16, 16, num_layers=2, dropout=0.4, batch_first=True)
+
+
+def test_the_dropout_between_an_lstms_layers_shrinks_with_their_inputs_and_survives_resume(tmp_path, caplog):
+    torch.manual_seed(0)
+    model, prune = StackedSequence(), callback((0.75,))
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    trainer = make_trainer(tmp_path, [prune, saver], max_epochs=2, enable_checkpointing=True)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(model, token_loader())
+    inner = {s.name: s for s in prune.pruner.stats()}["rnn.weight_ih_l1"]
+    assert inner.remaining == round(0.25 * inner.weights)
+    assert model.rnn.dropout == pytest.approx(0.4 * 0.5)
+    assert model.encoder.dropout.p == pytest.approx(0.25 * 0.5)  # a module's, from its linear2's counts
+    assert "rnn.dropout 0.4->0.2" in caplog.text
+    assert prune.dropout.adjuster.sources["rnn.dropout"] == "inner"
+    fresh, resumed = StackedSequence(), callback((0.75,))
+    make_trainer(tmp_path / "resumed", [resumed], max_epochs=3).fit(
+        fresh, token_loader(), ckpt_path=tmp_path / "last.ckpt"
+    )
+    assert fresh.rnn.dropout == pytest.approx(0.2)

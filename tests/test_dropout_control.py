@@ -186,6 +186,15 @@ def test_a_trace_that_sees_nothing_keeps_the_static_links():
     assert control.adjuster.links == {"drop": ["fc1"]} and control.adjuster.source == "static" and control.traced
 
 
+def test_a_trace_that_sees_nothing_says_nothing_when_only_an_rnns_inner_dropout_is_adjusted():
+    control = DropoutControl(nn.Sequential(nn.LSTM(4, 4, num_layers=2, dropout=0.3)), None)
+    control.begin_trace()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not control.end_trace(ONE_PROCESS)  # its link is the LSTM's structure, not the trace's
+    assert control.adjuster.links == {"0.dropout": ["0.weight_ih_l1"]}
+
+
 def test_links_restored_from_a_call_order_checkpoint_are_traced_again():
     model = OddOrder()
     control = DropoutControl(model, None)

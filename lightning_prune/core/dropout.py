@@ -11,11 +11,18 @@ forward pass (:class:`ForwardTrace`: the layers that take a dropout's output, se
 activations, normalizations, pooling and other dropouts), or, before any trace, from the modules'
 registration order (which is the forward order of ``nn.Sequential`` and of most models,
 torchvision's AlexNet and VGG included).
+
+The dropout between the layers of a multi-layer ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (its ``dropout``
+argument, named ``rnn.dropout`` for a module ``rnn``) drops the inputs of the RNN's layers 1 and up:
+it is linked to their ``weight_ih`` (both directions), by the module's structure (:func:`rnn_dropouts`).
+The dropout of ``nn.MultiheadAttention`` drops attention probabilities, not any layer's input
+neurons: it keeps its rate.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, cast
@@ -38,10 +45,11 @@ __all__ = [
     "is_weight_name",
     "layer_counts",
     "link",
+    "rnn_dropouts",
     "weight_layers",
 ]
 
-LinkSource = Literal["explicit", "traced", "static"]
+LinkSource = Literal["explicit", "traced", "static", "inner"]
 LinkRule = Literal["data flow", "call order", "registration order"]
 _FUNCTIONAL_DROPOUT = {
     F.dropout,
@@ -52,6 +60,7 @@ _FUNCTIONAL_DROPOUT = {
     F.feature_alpha_dropout,
 }
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+_RNN_INPUT = re.compile(r"weight_ih_l(\d+)(?:_reverse)?")
 
 PASS_THROUGH: frozenset[str] = frozenset(
     {
@@ -91,12 +100,45 @@ SCALAR_OPS: frozenset[str] = frozenset(
 def find_dropouts(model: nn.Module) -> dict[str, float]:
     """``{name: p}`` of every dropout module (``nn.Dropout``, ``Dropout1d/2d/3d``, alpha dropouts).
 
+    The between-layer dropout of a multi-layer RNN is :func:`rnn_dropouts`, not a module: it is not listed.
+
     Example::
 
         >>> find_dropouts(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)))
         {'1': 0.5}
     """
     return {name: float(m.p) for name, m in model.named_modules() if isinstance(m, _DropoutNd)}
+
+
+def rnn_dropouts(model: nn.Module) -> dict[str, list[str]]:
+    """``{"rnn.dropout": [input weights it drops for]}`` for each RNN/LSTM/GRU of 2+ layers with a nonzero ``dropout``.
+
+    PyTorch drops each layer's output but the last's, which is the input of the next layer: the
+    dropout is linked to the ``weight_ih`` of layers 1 and up, both directions, under their parameter
+    names (a parametrized weight under the names of its original tensors, ``parametrizations.<name>.original*``).
+
+    Example::
+
+        >>> net = nn.Sequential(nn.LSTM(4, 4, num_layers=3, dropout=0.3), nn.LSTM(4, 4, dropout=0.0))
+        >>> rnn_dropouts(net)
+        {'0.dropout': ['0.weight_ih_l1', '0.weight_ih_l2']}
+    """
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.RNNBase) and module.num_layers > 1 and module.dropout > 0:
+            prefix = f"{name}." if name else ""
+            inputs = [w for w in module._flat_weights_names if (m := _RNN_INPUT.fullmatch(w)) and int(m[1]) > 0]
+            parametrized = getattr(module, "parametrizations", {})
+            found[f"{prefix}dropout"] = [
+                name
+                for w in inputs
+                for name in (
+                    [f"{prefix}parametrizations.{w}.{n}" for n, _ in parametrized[w].named_parameters()]
+                    if w in parametrized
+                    else [prefix + w]
+                )
+            ]
+    return found
 
 
 def is_weight_name(name: str) -> bool:
@@ -357,19 +399,25 @@ class ForwardTrace:
 class DropoutAdjuster:
     """Original dropout rates, links to layers, and the rates in force after pruning.
 
+    The dropouts are the dropout modules and the between-layer dropouts of multi-layer RNNs
+    (:func:`rnn_dropouts`; ``"inner"`` links to the RNN's own input weights, whatever the trace).
+
     Args:
         model: The network.
         links: Explicit ``{dropout_name: layer_name}`` links; they win over traced and static ones.
 
     Attributes:
-        links: ``{dropout: [layers whose inputs it drops]}``; an empty list keeps the dropout's rate.
-        source: Where the links that are not explicit come from: ``"static"`` (registration order, until
-            a trace) or ``"traced"``.
+        links: ``{dropout: [layers whose inputs it drops]}``; an empty list keeps the dropout's rate. An
+            RNN's inner dropout lists parameter names (its ``weight_ih`` of layers 1 and up).
+        inner: ``{"rnn.dropout": [parameter names]}``: :func:`rnn_dropouts` of the model.
+        source: Where the links that are not explicit or inner come from: ``"static"`` (registration
+            order, until a trace) or ``"traced"``.
         rule: How they were found: ``"registration order"``, ``"data flow"`` (:meth:`use_flow`) or
             ``"call order"`` (:meth:`use_order` with a traced order; checkpoints written before data flow).
 
     Raises:
-        ValueError: If a map key is not a dropout module or a value is not a module with weights.
+        ValueError: If a map key is not a dropout module (an RNN's inner dropout cannot be relinked) or a
+            value is not a module with weights.
 
     Example::
 
@@ -383,7 +431,8 @@ class DropoutAdjuster:
 
     def __init__(self, model: nn.Module, links: Mapping[str, str] | None = None):
         self.model = model
-        self.original = find_dropouts(model)
+        self.inner = rnn_dropouts(model)
+        self.original = {**find_dropouts(model), **{name: self._rate_of(name) for name in self.inner}}
         self.explicit = dict(links or {})
         self._check_explicit()
         self.links: dict[str, list[str]] = {}
@@ -395,15 +444,22 @@ class DropoutAdjuster:
         modules = dict(self.model.named_modules())
         layers = weight_layers(self.model)
         for dropout, layer in self.explicit.items():
+            if dropout in self.inner:
+                raise ValueError(
+                    f"`dropout.links` key {dropout!r} is the dropout between an RNN's layers: it drops the inputs of "
+                    f"the RNN's own layers 1 and up and is linked to them {self.inner[dropout]}; it cannot be "
+                    f"relinked. "
+                    f"Dropout modules: {sorted(set(self.original) - set(self.inner)) or 'none'}."
+                )
             if dropout not in modules:
                 raise ValueError(
                     f"`dropout.links` key {dropout!r} is not a module of the model. Dropout modules: "
-                    f"{sorted(self.original) or 'none'}."
+                    f"{sorted(set(self.original) - set(self.inner)) or 'none'}."
                 )
             if dropout not in self.original:
                 raise ValueError(
                     f"`dropout.links` key {dropout!r} is a {type(modules[dropout]).__name__}, not a dropout module. "
-                    f"Dropout modules: {sorted(self.original) or 'none'}."
+                    f"Dropout modules: {sorted(set(self.original) - set(self.inner)) or 'none'}."
                 )
             if layer not in layers:
                 raise ValueError(
@@ -412,8 +468,11 @@ class DropoutAdjuster:
 
     @property
     def sources(self) -> dict[str, LinkSource]:
-        """``{dropout: "explicit" | "traced" | "static"}``: where each dropout's link comes from."""
-        return {name: "explicit" if name in self.explicit else self.source for name in self.original}
+        """``{dropout: "explicit" | "inner" | "traced" | "static"}``: where each dropout's link comes from."""
+        return {
+            name: "explicit" if name in self.explicit else "inner" if name in self.inner else self.source
+            for name in self.original
+        }
 
     def use_order(self, order: Sequence[str], source: LinkSource) -> None:
         """Link dropouts from a module order: registration (``"static"``) or call order (explicit links kept)."""
@@ -435,6 +494,7 @@ class DropoutAdjuster:
 
     def _use(self, links: dict[str, list[str]], source: LinkSource, rule: LinkRule) -> None:
         links.update({d: [layer] for d, layer in self.explicit.items()})
+        links.update({d: list(weights) for d, weights in self.inner.items()})
         self.links, self.source, self.rule = links, source, rule
 
     def unlinked(self, order: Sequence[str] | None = None) -> dict[str, str]:
@@ -463,10 +523,19 @@ class DropoutAdjuster:
         return why
 
     def rates(self, counts: Mapping[str, tuple[int, int]]) -> dict[str, float]:
-        """Rates ``D_o * sqrt(C_ir / C_io)`` from ``{layer: (remaining, total)}``.
+        """Rates ``D_o * sqrt(C_ir / C_io)`` from ``{layer or parameter: (remaining, total)}``.
 
         A dropout linked to several layers (reused, or feeding several) uses their summed counts; one
-        linked to no counted layer keeps its original rate.
+        linked to no counted layer keeps its original rate. An RNN's inner dropout is linked to
+        parameters: their counts are looked up by parameter name.
+
+        Example::
+
+            >>> adjuster = DropoutAdjuster(nn.LSTM(4, 4, num_layers=2, dropout=0.4))
+            >>> adjuster.links
+            {'dropout': ['weight_ih_l1']}
+            >>> adjuster.rates({"weight_ih_l1": (4, 64), "weight_hh_l1": (64, 64)})
+            {'dropout': 0.1}
         """
         out = {}
         for name, p in self.original.items():
@@ -482,13 +551,24 @@ class DropoutAdjuster:
         return rates
 
     def set(self, rates: Mapping[str, float]) -> None:
-        """Set the dropout modules' ``p`` to ``rates``."""
+        """Set the dropout modules' ``p`` (an RNN's ``dropout``) to ``rates``."""
         for name, p in rates.items():
-            cast(_DropoutNd, self.model.get_submodule(name)).p = p
+            module, attribute = self._holder(name)
+            setattr(module, attribute, p)
 
     def current(self) -> dict[str, float]:
         """The rates now in the model."""
-        return {name: float(cast(_DropoutNd, self.model.get_submodule(name)).p) for name in self.original}
+        return {name: self._rate_of(name) for name in self.original}
+
+    def _holder(self, name: str) -> tuple[nn.Module, str]:
+        """The module holding a dropout's rate and the attribute: ``(rnn, "dropout")`` or ``(dropout, "p")``."""
+        if name in self.inner:
+            return self.model.get_submodule(name.removesuffix("dropout").removesuffix(".")), "dropout"
+        return cast(_DropoutNd, self.model.get_submodule(name)), "p"
+
+    def _rate_of(self, name: str) -> float:
+        module, attribute = self._holder(name)
+        return float(getattr(module, attribute))
 
     def state_dict(self) -> dict[str, Any]:
         """Original rates, rates in force, links, their source and rule: plain values."""
@@ -504,8 +584,11 @@ class DropoutAdjuster:
         """Restore original rates, links and the rates in force (set on the model).
 
         Traced links of a state without a ``rule`` (written before data-flow linking) followed the call order.
+        A dropout the state does not name (an RNN's inner dropout, in a state written before those were
+        adjusted) keeps the rate the model was built with, until the next :meth:`apply`.
         """
-        self.original = {k: v for k, v in state.get("original", self.original).items() if k in self.original}
+        saved = state.get("original", {})
+        self.original = {name: float(saved.get(name, p)) for name, p in self.original.items()}
         if state.get("links") is not None:
             links = {k: list(v) for k, v in state["links"].items()}
             source = state.get("source", self.source)

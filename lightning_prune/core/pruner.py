@@ -363,11 +363,25 @@ class Pruner:
         :func:`~lightning_prune.core.dropout.layer_counts` of the masks, with each parameter's counts taken
         from all of its shards (a target's counts are all-reduced when it is pruned).
         """
+        return layer_counts(self._masks, self.layer_of, self.parameter_counts())
+
+    def parameter_counts(self) -> dict[str, tuple[int, int]]:
+        """``{parameter: (remaining, total)}`` of the parameters pruned so far, over all shards.
+
+        A parameter pruned as several targets (an attention block's q/k/v rows) sums them.
+
+        Example::
+
+            >>> pruner = Pruner(nn.Sequential(nn.Linear(4, 2)))
+            >>> _ = pruner.prune("fraction", 0.5)
+            >>> pruner.parameter_counts()
+            {'0.weight': (4, 8)}
+        """
         whole: dict[str, tuple[int, int]] = {}
         for stats, target in zip(self.stats(), self.targets.values(), strict=True):
             remaining, total = whole.get(target.param, (0, 0))
             whole[target.param] = (remaining + stats.remaining, total + stats.weights)
-        return layer_counts(self._masks, self.layer_of, whole)
+        return whole
 
     def counts(self) -> tuple[int, int]:
         """``(remaining, total)`` connections of the selected parameters."""

@@ -16,6 +16,7 @@ from lightning_prune.core.dropout import (
     is_weight_name,
     layer_counts,
     link,
+    rnn_dropouts,
     weight_layers,
 )
 from lightning_prune.core.pruner import Pruner
@@ -378,3 +379,97 @@ def test_state_round_trips_and_an_old_traced_state_was_by_call_order():
     assert fresh.rule == "call order" and fresh.links == {"drop": ["decoder"]}
     fresh.load_state_dict({"original": {"drop": 0.5}, "current": {"drop": 0.5}})  # no links: kept
     assert fresh.links == {"drop": ["decoder"]}
+
+
+# ------------------------------------------------------------------------------ an RNN's inner dropout
+class Stacked(nn.Module):
+    """drop -> 3-layer bidirectional LSTM (inner dropout 0.4) -> 1-layer GRU (its dropout does nothing) -> head."""
+
+    def __init__(self, inner: float = 0.4):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.rnn = nn.LSTM(4, 3, num_layers=3, dropout=inner, bidirectional=True, batch_first=True)
+        self.gru = nn.GRU(6, 3, batch_first=True)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.rnn(self.drop(x))
+        h, _ = self.gru(h)
+        return self.head(h[:, -1])
+
+
+def test_rnn_dropouts_are_the_inputs_of_layers_one_and_up_in_both_directions():
+    assert rnn_dropouts(Stacked()) == {
+        "rnn.dropout": ["rnn.weight_ih_l1", "rnn.weight_ih_l1_reverse", "rnn.weight_ih_l2", "rnn.weight_ih_l2_reverse"]
+    }
+    assert rnn_dropouts(Stacked(inner=0.0)) == {}
+    deep = nn.GRU(2, 2, num_layers=11, dropout=0.1)
+    assert rnn_dropouts(deep) == {"dropout": [f"weight_ih_l{k}" for k in range(1, 11)]}
+    weighted = nn.Sequential(nn.RNN(2, 2, num_layers=2, dropout=0.2))
+    nn.utils.parametrizations.weight_norm(weighted[0], "weight_ih_l1")
+    inner = ["0.parametrizations.weight_ih_l1.original0", "0.parametrizations.weight_ih_l1.original1"]
+    assert rnn_dropouts(weighted) == {"0.dropout": inner}
+    counts = {inner[1]: (2, 4)}  # a count for the direction only, as for a weight-normed layer's
+    assert DropoutAdjuster(weighted).apply(counts) == {"0.dropout": pytest.approx(0.2 * 0.5**0.5)}
+
+
+def test_an_rnns_inner_dropout_is_set_from_its_inner_inputs_whatever_the_trace():
+    model = Stacked()
+    adjuster = DropoutAdjuster(model)
+    assert adjuster.original == {"drop": 0.5, "rnn.dropout": 0.4}
+    assert adjuster.links["rnn.dropout"] == rnn_dropouts(model)["rnn.dropout"]
+    assert adjuster.sources == {"drop": "static", "rnn.dropout": "inner"}
+    adjuster.use_flow(trace(model, torch.randn(2, 5, 4)).links)
+    assert adjuster.links == {"drop": ["rnn"], "rnn.dropout": rnn_dropouts(model)["rnn.dropout"]}
+    inner = {name: (9, 36) for name in adjuster.links["rnn.dropout"]}  # a quarter of each remains
+    rates = adjuster.apply({"rnn": (100, 400), "rnn.weight_hh_l1": (1, 9), **inner})
+    assert rates == {"drop": pytest.approx(0.25), "rnn.dropout": pytest.approx(0.2)}
+    assert model.rnn.dropout == pytest.approx(0.2) and model.drop.p == pytest.approx(0.25)
+    assert adjuster.apply({}) == {"drop": 0.5, "rnn.dropout": 0.4}  # nothing pruned: the rates built with
+    assert adjuster.unlinked([]) == {}  # an inner dropout runs with its RNN, whose own inputs it drops
+
+
+def test_the_inner_dropout_changes_what_the_rnn_computes_in_training():
+    model = Stacked().train()
+    adjuster = DropoutAdjuster(model)
+    x = torch.randn(2, 5, 4)
+    adjuster.set({"drop": 0.0, "rnn.dropout": 0.0})
+    torch.manual_seed(0)
+    plain = model(x)
+    torch.manual_seed(0)
+    assert torch.equal(model(x), plain)
+    adjuster.set({"rnn.dropout": 0.9})
+    torch.manual_seed(0)
+    assert not torch.equal(model(x), plain)
+
+
+def test_an_rnns_inner_dropout_round_trips_in_the_state():
+    model = Stacked()
+    adjuster = DropoutAdjuster(model)
+    adjuster.apply({name: (1, 4) for name in adjuster.links["rnn.dropout"]})
+    state = adjuster.state_dict()
+    assert state["current"] == {"drop": 0.5, "rnn.dropout": pytest.approx(0.2)}
+    fresh_model = Stacked()
+    fresh = DropoutAdjuster(fresh_model)
+    fresh.load_state_dict(state)
+    assert fresh_model.rnn.dropout == pytest.approx(0.2) and fresh.state_dict() == state
+    fresh.load_state_dict({"original": {"drop": 0.5}, "current": {"drop": 0.3}})  # written before inner dropouts
+    assert fresh.links["rnn.dropout"] == adjuster.links["rnn.dropout"] and fresh.original["rnn.dropout"] == 0.4
+
+
+def test_an_rnns_inner_dropout_cannot_be_relinked_and_is_not_offered_as_a_module():
+    with pytest.raises(ValueError, match=r"'rnn.dropout' is the dropout between an RNN's layers: .*cannot be relinked"):
+        DropoutAdjuster(Stacked(), {"rnn.dropout": "head"})
+    with pytest.raises(ValueError, match=r"'nope' is not a module of the model\. Dropout modules: \['drop'\]\.$"):
+        DropoutAdjuster(Stacked(), {"nope": "head"})
+
+
+def test_the_pruner_counts_an_rnns_inner_inputs_by_parameter():
+    model = Stacked()
+    pruner = Pruner(model, ["rnn"])
+    pruner.prune("fraction", 0.75)
+    counts = pruner.parameter_counts()
+    assert counts["rnn.weight_ih_l1"] == (18, 72) and counts["rnn.weight_ih_l0"] == (12, 48)
+    adjuster = DropoutAdjuster(model)
+    rates = adjuster.apply({**pruner.layer_counts(), **counts})
+    assert rates["rnn.dropout"] == pytest.approx(0.4 * math.sqrt(72 / 288))
