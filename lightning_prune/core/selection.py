@@ -128,11 +128,8 @@ def _default_targets(layer: str, module: nn.Module) -> list[Target]:
     if isinstance(module, nn.MultiheadAttention):
         return _attention_targets(layer, module)
     if isinstance(module, nn.RNNBase):
-        return [
-            Target(_qualified(layer, n), _qualified(layer, n), layer)
-            for n in module._parameters
-            if n.startswith("weight_")
-        ]
+        weights = [_weight_target(layer, module, n) for n in module._flat_weights_names if n.startswith("weight_")]
+        return [t for t in weights if t is not None]
     return []
 
 

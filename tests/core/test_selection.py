@@ -369,6 +369,20 @@ def test_zero_under_weight_norm_is_zero_in_the_effective_weight():
     assert torch.count_nonzero(layer.weight[0, :2]) == 0
 
 
+def test_a_weight_normed_rnn_weight_is_pruned_through_original1_in_its_place():
+    rnn = nn.LSTM(3, 4, num_layers=2)
+    nn.utils.parametrizations.weight_norm(rnn, "weight_ih_l1")
+    targets = select_targets(rnn)
+    assert names(targets) == ["weight_ih_l0", "weight_hh_l0", "weight_ih_l1", "weight_hh_l1"]
+    assert (targets[2].param, targets[2].value) == ("parametrizations.weight_ih_l1.original1", "weight_ih_l1")
+    with torch.no_grad():
+        rnn.get_parameter(targets[2].param)[0, :2] = 0
+    assert torch.count_nonzero(rnn.weight_ih_l1[0, :2]) == 0
+    nn.utils.parametrize.register_parametrization(rnn, "weight_hh_l0", nn.Identity())
+    with pytest.raises(ValueError, match=r"Layer '' has its `weight_hh_l0` parametrized by \['Identity'\]"):
+        select_targets(rnn)
+
+
 def test_other_parametrizations_are_refused_naming_the_layer():
     net = nn.Sequential(nn.Linear(3, 3), nn.utils.parametrizations.orthogonal(nn.Linear(4, 4)))
     with pytest.raises(ValueError, match=r"Layer '1' has its `weight` parametrized by \['_Orthogonal'\]"):
