@@ -9,7 +9,7 @@ only shrink), checked, floored by ``min_remaining``, never emptying a layer, and
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -148,6 +148,7 @@ class Pruner:
         if floor is not None:
             decisions = _floored(rule, decisions, rule.floor(weights, copies, _keeps(decisions), floor, context))
             decisions = _checked(rule, decisions, weights, keeps)
+        decisions = {name: self._norm_units_kept(name, d, weights[name], keeps[name]) for name, d in decisions.items()}
         new = {name: self._not_emptied(name, d, weights[name], collective) for name, d in decisions.items()}
         self._commit(new, decisions, stds, collective)
         return self.stats()
@@ -234,6 +235,29 @@ class Pruner:
         if keep is None or rows is None:
             return keep
         return keep[rows[0] : rows[1]]
+
+    def _norm_units_kept(self, name: str, decision: Decision, weight: Tensor, keep: Tensor | None) -> Decision:
+        """``decision``, with the largest entry kept in each unit of a ``weight_norm`` it would empty.
+
+        ``weight_norm`` divides each unit (a slice along its ``dim``) by its norm: an all-zero unit is
+        0 / 0, NaN in the effective weight and in every output after it.
+        """
+        dim = _weight_norm_dim(self.model, self.targets[name])
+        if dim is None:
+            return decision
+        units = decision.keep.movedim(dim, 0).flatten(1)
+        emptied = ~units.any(1)
+        if not emptied.any():
+            return decision
+        score = weight.detach().abs().movedim(dim, 0).flatten(1).clone()
+        if keep is not None:
+            score[~keep.movedim(dim, 0).flatten(1)] = -1.0
+        units = units.clone()
+        rows = emptied.nonzero()[:, 0]
+        units[rows, score[rows].argmax(1)] = True
+        shape = decision.keep.movedim(dim, 0).shape
+        kept = units.reshape(shape).movedim(0, dim)
+        return Decision(kept, decision.threshold, f"{decision.rule}; 1 kept in {len(rows)} weight-norm units")
 
     def _not_emptied(self, name: str, decision: Decision, weight: Tensor, collective: Collective) -> Tensor:
         if not count_true([decision.keep], collective):
@@ -438,6 +462,18 @@ def _check_finite(weights: Mapping[str, Tensor], collective: Collective) -> None
                 f"Parameter {name!r} holds NaN or inf values; it cannot be pruned by magnitude. "
                 f"Check the training run for divergence before pruning."
             )
+
+
+def _weight_norm_dim(model: nn.Module, target: Target) -> int | None:
+    """The dimension of a ``weight_norm``-ed target's units; ``None`` if it has none (or one norm over all)."""
+    if target.value is None or target.rows is not None:
+        return None
+    owner, _, attr = target.value.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    (parametrization,) = cast(Any, module.parametrizations)[attr]
+    dim = getattr(parametrization, "dim", None) if type(parametrization).__name__ == "_WeightNorm" else None
+    weight = model.get_parameter(target.param)
+    return None if dim is None or dim == -1 or weight.dim() < 2 else dim % weight.dim()
 
 
 def _keeps(decisions: Mapping[str, Decision]) -> dict[str, Tensor]:

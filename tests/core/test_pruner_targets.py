@@ -137,3 +137,34 @@ def test_tied_weight_is_pruned_once_and_zero_under_both_names():
     pruner.prune("fraction", 0.5)
     assert pruner.counts() == (80, 160)
     assert int((model.head.weight == 0).sum()) == int((model.emb.weight == 0).sum()) == 80
+
+
+@pytest.mark.parametrize(("layer", "dim"), [(nn.Linear(6, 4), 0), (nn.Conv2d(3, 4, 3), 0), (nn.Conv2d(3, 4, 3), 1)])
+def test_a_weight_norm_unit_the_prune_would_empty_keeps_its_largest_entry(layer, dim):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.weight.select(dim, 1).mul_(1e-3)  # unit 1 far below every threshold
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(layer, dim=dim))
+    pruner = Pruner(model)
+    weight = model[0].weight.detach().clone()
+    (stats,) = pruner.prune(Std(), 1.0)
+    keep = pruner.masks["0.parametrizations.weight.original1"]
+    units = keep.movedim(dim, 0).flatten(1)
+    assert bool(units.any(1).all())
+    assert int(units[1].sum()) == 1 and bool(units[1][weight.abs().movedim(dim, 0).flatten(1)[1].argmax()])
+    assert bool(torch.isfinite(model[0].weight).all())
+    assert "1 kept in 1 weight-norm units" in stats.rule
+    x = torch.randn(2, 6) if isinstance(layer, nn.Linear) else torch.randn(2, 3, 5, 5)
+    assert bool(torch.isfinite(model(x)).all())
+    (again,) = pruner.prune(Std(), 1.0)  # a later prune keeps the same survivor, never one already pruned
+    assert again.remaining == stats.remaining
+    assert torch.equal(pruner.masks["0.parametrizations.weight.original1"] & ~keep, torch.zeros_like(keep))
+    assert int(pruner.masks["0.parametrizations.weight.original1"].movedim(dim, 0).flatten(1)[1].sum()) == 1
+
+
+def test_a_weight_norm_over_the_whole_tensor_has_no_units_to_keep():
+    model = nn.utils.parametrizations.weight_norm(nn.Linear(6, 4), dim=None)
+    with torch.no_grad():
+        model.parametrizations.weight.original1[1] *= 1e-3
+    (stats,) = Pruner(model).prune(Std(), 1.0)
+    assert "weight-norm" not in stats.rule and bool(torch.isfinite(model.weight).all())
