@@ -3,8 +3,9 @@
 :class:`LoggerOutput` writes, on rank zero and only at prunes and round ends, to each logger that can take it:
 
 - the table of each prune (one row per pruned parameter): Markdown text ``prune/table`` in TensorBoard, the
-  table ``prune/table`` in W&B, the table artifact ``prune_rounds.json`` and the Markdown artifact
-  ``prune/table_round<r>.md`` in MLflow, and the file ``prune_rounds.csv`` in a ``CSVLogger``'s ``log_dir``;
+  table ``prune/table`` in W&B, the table artifact ``prune_rounds.json`` (MLflow's ``log_table`` needs pandas)
+  and the Markdown artifact ``prune/table_round<r>.md`` in MLflow, and the file ``prune_rounds.csv`` in a
+  ``CSVLogger``'s ``log_dir``;
 - figures (matplotlib, drawn off-screen): ``prune/weights/<parameter>/before`` (the histogram of the weights
   just before the first prune), ``prune/weights/<parameter>/after`` (the surviving weights at each round's
   end: Figure 4 of Han et al. 2015) and ``prune/remaining_share`` (a bar chart of the share each parameter
@@ -140,6 +141,7 @@ class LoggerOutput:
     def __init__(self, settings: Logging) -> None:
         self.settings = settings
         self._can_draw: bool | None = None
+        self._can_tabulate: bool | None = None
 
     def log_prune(self, trainer: pl.Trainer, round_: int, epoch: int, stats: Sequence[LayerStats]) -> None:
         """The table of the prune of round ``round_`` (1-based), and the remaining-share chart."""
@@ -148,7 +150,7 @@ class LoggerOutput:
             rows = round_rows(stats, round_, epoch, step)
             text = markdown_table(stats, f"round {round_}, start of epoch {epoch}")
             for logger in _of_kind(trainer, _TABLE_LOGGERS):
-                _log_table(logger, rows, text, round_, step)
+                _log_table(logger, rows, text, round_, step, mlflow_table=self._mlflow_table(logger))
         loggers = self._figure_loggers(trainer)
         if loggers:
             figure = remaining_share_figure(stats, f"weights left per parameter after round {round_}")
@@ -174,6 +176,20 @@ class LoggerOutput:
             for logger in loggers:
                 _log_figure(logger, f"prune/weights/{name}/{when}", figure, trainer.global_step, suffix)
 
+    def _mlflow_table(self, logger: Logger) -> bool:
+        """Whether MLflow can take the table artifact: its ``log_table`` needs pandas (``mlflow-skinny`` has none)."""
+        if not isinstance(logger, MLFlowLogger):
+            return False
+        if self._can_tabulate is None:
+            self._can_tabulate = importlib.util.find_spec("pandas") is not None
+            if not self._can_tabulate:
+                rank_zero_info(
+                    "lightning-prune: pandas is not installed, so MLflow gets each prune table as the Markdown "
+                    "artifact prune/table_round<r>.md only, not the table artifact prune_rounds.json (pip install "
+                    "pandas)."
+                )
+        return self._can_tabulate
+
     def _figure_loggers(self, trainer: pl.Trainer) -> list[Logger]:
         """The loggers that take figures, if figures are on, this is rank zero, and matplotlib is there."""
         if not self.settings.figures or not trainer.is_global_zero:
@@ -193,12 +209,15 @@ def _of_kind(trainer: pl.Trainer, kinds: tuple[type[Logger], ...]) -> list[Logge
     return [logger for logger in trainer.loggers if isinstance(logger, kinds)]
 
 
-def _log_table(logger: Logger, rows: list[dict[str, Any]], text: str, round_: int, step: int) -> None:
+def _log_table(
+    logger: Logger, rows: list[dict[str, Any]], text: str, round_: int, step: int, *, mlflow_table: bool
+) -> None:
     if isinstance(logger, TensorBoardLogger):
         logger.experiment.add_text("prune/table", text, global_step=step)
     elif isinstance(logger, MLFlowLogger):
-        data = {column: [row[column] for row in rows] for column in COLUMNS}
-        logger.experiment.log_table(logger.run_id, data=data, artifact_file="prune_rounds.json")
+        if mlflow_table:
+            data = {column: [row[column] for row in rows] for column in COLUMNS}
+            logger.experiment.log_table(logger.run_id, data=data, artifact_file="prune_rounds.json")
         logger.experiment.log_text(logger.run_id, text, f"prune/table_round{round_}.md")
     elif isinstance(logger, WandbLogger):
         cells = [[row[column] for column in COLUMNS] for row in rows]

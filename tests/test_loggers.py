@@ -1,8 +1,10 @@
-"""Prune scalars, tables and figures in Lightning's loggers: CSV and TensorBoard in real fits; MLflow and W&B faked."""
+"""Prune scalars, tables and figures in Lightning's loggers: CSV and TensorBoard in real fits; MLflow and W&B faked,
+and in real fits where their packages are installed (a file store, an offline run)."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import logging
 from types import SimpleNamespace
 
@@ -141,11 +143,26 @@ class FakeWandb(WandbLogger):
         self.calls.append(("log_image", args, kwargs))
 
 
+def pretend(monkeypatch, **installed: bool) -> None:
+    """Make ``importlib.util.find_spec`` report the named packages as installed or not (the fakes need neither)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+
+    def spec(name, *args):
+        if name in installed:
+            return find_spec("json") if installed[name] else None
+        return find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", spec)
+
+
 STATS = [LayerStats("fc.weight", (4, 3), 12, 6, 0.1, "1.00 x std"), LayerStats("fc.bias", (4,), 4, 4)]
 
 
-def test_mlflow_and_wandb_get_tables_and_figures_by_their_own_calls():
+def test_mlflow_and_wandb_get_tables_and_figures_by_their_own_calls(monkeypatch):
     pytest.importorskip("matplotlib")
+    pretend(monkeypatch, pandas=True)
     mlflow, wandb = FakeMLflow(), FakeWandb()
     trainer = SimpleNamespace(loggers=[mlflow, wandb], is_global_zero=True, global_step=7)
     LoggerOutput(Logging()).log_prune(trainer, 2, 3, STATS)
@@ -164,10 +181,7 @@ def test_mlflow_and_wandb_get_tables_and_figures_by_their_own_calls():
 
 
 def test_no_figures_and_one_notice_without_matplotlib(monkeypatch, caplog):
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name))
+    pretend(monkeypatch, matplotlib=False, pandas=True)
     mlflow = FakeMLflow()
     trainer = SimpleNamespace(loggers=[mlflow], is_global_zero=True, global_step=0)
     output = LoggerOutput(Logging())
@@ -176,6 +190,18 @@ def test_no_figures_and_one_notice_without_matplotlib(monkeypatch, caplog):
         output.log_prune(trainer, 2, 1, STATS)
     assert [name for name, _, _ in mlflow.client.calls] == ["log_table", "log_text"] * 2
     assert sum("matplotlib is not installed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_without_pandas_mlflow_gets_the_markdown_table_and_one_notice(monkeypatch, caplog):
+    pretend(monkeypatch, pandas=False)
+    mlflow = FakeMLflow()
+    trainer = SimpleNamespace(loggers=[mlflow], is_global_zero=True, global_step=0)
+    output = LoggerOutput(Logging(figures=False))
+    with caplog.at_level(logging.INFO):
+        output.log_prune(trainer, 1, 0, STATS)
+        output.log_prune(trainer, 2, 1, STATS)
+    assert [name for name, _, _ in mlflow.client.calls] == ["log_text"] * 2
+    assert sum("pandas is not installed" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_nothing_is_logged_off_rank_zero():
@@ -192,3 +218,41 @@ def test_weight_histogram_leaves_the_pruned_zeros_out():
     survivors, _ = weight_histogram(weight, survivors=True)
     assert int(survivors.sum()) == 3
     assert weight_histogram(torch.zeros(3), survivors=True) is None
+
+
+# ----------------------------------------------------------------- the real packages, where installed
+def test_a_fit_logs_scalars_tables_and_figures_to_a_real_mlflow_file_store(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("matplotlib")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants a database; a folder is enough here
+    logger = MLFlowLogger(experiment_name="prune", tracking_uri=(tmp_path / "mlruns").as_uri())
+    with caplog.at_level(logging.INFO):
+        prune = fit(tmp_path, logger)
+    client, run = logger.experiment, logger.run_id
+    metrics = client.get_run(run).data.metrics
+    for stat in prune.pruner.stats():
+        assert metrics[f"prune/remaining/{stat.name}"] == stat.remaining
+    artifacts = {a.path for a in client.list_artifacts(run, "prune")}
+    assert {"prune/table_round1.md", "prune/table_round2.md", "prune/remaining_share_round2.png"} <= artifacts
+    table = (tmp_path / "mlruns").glob(f"*/{run}/artifacts/prune/table_round2.md")
+    assert "net.0.weight" in next(table).read_text()
+    with_pandas = importlib.util.find_spec("pandas") is not None  # MLflow's log_table needs it
+    assert ("prune_rounds.json" in {a.path for a in client.list_artifacts(run)}) == with_pandas
+    assert ("pandas is not installed" in caplog.text) != with_pandas
+
+
+def test_a_fit_logs_tables_and_figures_to_a_real_offline_wandb_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    pytest.importorskip("matplotlib")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(project="prune", save_dir=str(tmp_path), offline=True)
+    try:
+        fit(tmp_path, logger)
+    finally:
+        logger.experiment.finish()
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    media = {path.relative_to(run / "files" / "media").parts[:2] for path in (run / "files" / "media").rglob("*.*")}
+    assert ("table", "prune") in media and ("images", "prune") in media
+    tables = list((run / "files" / "media" / "table" / "prune").glob("table_*.table.json"))
+    assert len(tables) == 2 and '"net.0.weight"' in tables[-1].read_text()
