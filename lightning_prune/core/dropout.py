@@ -130,9 +130,9 @@ def rnn_dropouts(model: nn.Module) -> dict[str, list[str]]:
             inputs = [w for w in module._flat_weights_names if (m := _RNN_INPUT.fullmatch(w)) and int(m[1]) > 0]
             parametrized = getattr(module, "parametrizations", {})
             found[f"{prefix}dropout"] = [
-                name
+                full
                 for w in inputs
-                for name in (
+                for full in (
                     [f"{prefix}parametrizations.{w}.{n}" for n, _ in parametrized[w].named_parameters()]
                     if w in parametrized
                     else [prefix + w]
@@ -448,8 +448,7 @@ class DropoutAdjuster:
                 raise ValueError(
                     f"`dropout.links` key {dropout!r} is the dropout between an RNN's layers: it drops the inputs of "
                     f"the RNN's own layers 1 and up and is linked to them {self.inner[dropout]}; it cannot be "
-                    f"relinked. "
-                    f"Dropout modules: {sorted(set(self.original) - set(self.inner)) or 'none'}."
+                    f"relinked. Dropout modules: {sorted(set(self.original) - set(self.inner)) or 'none'}."
                 )
             if dropout not in modules:
                 raise ValueError(
