@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from lightning_prune.core.criteria import Fraction, Std
@@ -168,3 +170,24 @@ def test_a_weight_norm_over_the_whole_tensor_has_no_units_to_keep():
         model.parametrizations.weight.original1[1] *= 1e-3
     (stats,) = Pruner(model).prune(Std(), 1.0)
     assert "weight-norm" not in stats.rule and bool(torch.isfinite(model.weight).all())
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 6),
+    dim=st.sampled_from([0, 1]),
+    levels=st.lists(st.floats(0.0, 3.0), min_size=1, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_a_weight_normed_layer_stays_finite_and_keeps_every_unit_through_any_prunes(rows, cols, dim, levels, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(cols, rows), dim=dim))
+    pruner = Pruner(model)
+    for level in levels:
+        before = pruner.masks.get("0.parametrizations.weight.original1")
+        pruner.prune(Std(), level)
+        keep = pruner.masks["0.parametrizations.weight.original1"]
+        assert bool(keep.movedim(dim, 0).flatten(1).any(1).all())
+        assert before is None or not bool((keep & ~before).any())  # later prunes only remove
+        assert bool(torch.isfinite(model[0].weight).all())
